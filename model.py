@@ -1,0 +1,220 @@
+"""LLaDA-8B in one file: a LLaMA-style transformer without a causal mask (Nie et al. 2025, arXiv 2502.09992).
+
+Read top to bottom: config -> RMSNorm -> attention -> MLP -> block -> model -> loading. The forward pass
+follows the official `modeling_llada.py` op for op, so fp32 logits match it to the last bits on CPU.
+Module names are the checkpoint's tensor names minus the leading "model.", so loading is one strict
+`load_state_dict` with no name table.
+"""
+import json
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from rope import apply_rope, rope_cos_sin
+
+
+class UserError(ValueError):
+    """A mistake in what the user asked for (a path, a flag, a config): scripts print it as one line."""
+
+
+@dataclass
+class LLaDAConfig:
+    """Defaults are LLaDA-8B (Base, Instruct and 1.5 share them); `load_model` fills it from config.json."""
+    d_model: int = 4096
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    n_layers: int = 32
+    mlp_hidden_size: int = 12288
+    vocab_size: int = 126464
+    embedding_size: int = 126464  # rows of wte / ff_out; the logits have this many columns
+    rope_theta: float = 500000.0
+    max_sequence_length: int = 4096  # the trained length; nothing enforces it (that is the paper's topic)
+    rms_norm_eps: float = 1e-5
+    mask_token_id: int = 126336
+    eos_token_id: int = 126081
+    eot_token_id: int = 126348  # <|eot_id|> of the Instruct chat template; not in config.json
+    pad_token_id: int = 126081
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.n_heads
+
+
+# config.json values this file does not implement: anything else is refused, not silently ignored.
+REQUIRED = dict(block_type="llama", activation_type="silu", layer_norm_type="rms", weight_tying=False,
+                alibi=False, include_bias=False, include_qkv_bias=False, bias_for_layer_norm=False,
+                layer_norm_with_affine=True, rope=True, rope_full_precision=True, scale_logits=False,
+                input_emb_norm=False, attention_layer_norm=False, clip_qkv=None, block_group_size=1)
+
+
+def config_from_json(cfg):
+    for key, want in REQUIRED.items():
+        if cfg.get(key, want) != want:
+            raise UserError(f"config.json: {key}={cfg[key]!r} is not implemented (this code supports {want!r})")
+    known = {f.name for f in fields(LLaDAConfig)}
+    config = LLaDAConfig(**{k: v for k, v in cfg.items() if k in known and v is not None})
+    if cfg.get("mlp_hidden_size") is None:  # OLMo's fallback: mlp_ratio * d_model
+        config.mlp_hidden_size = cfg.get("mlp_ratio", 4) * config.d_model
+    if cfg.get("embedding_size") is None:
+        config.embedding_size = config.vocab_size
+    if config.d_model % config.n_heads or config.n_heads % config.n_kv_heads:
+        raise UserError(f"config.json: d_model {config.d_model}, n_heads {config.n_heads} and "
+                        f"n_kv_heads {config.n_kv_heads} do not divide")
+    return config
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) in fp32, cast back, then times the weight (LLaDA's order of ops)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(attn_norm(x)), then x + mlp(ff_norm(x)). No biases anywhere."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        kv_dim = c.n_kv_heads * c.head_dim
+        self.attn_norm = RMSNorm(c.d_model, c.rms_norm_eps)
+        self.q_proj = nn.Linear(c.d_model, c.d_model, bias=False)
+        self.k_proj = nn.Linear(c.d_model, kv_dim, bias=False)
+        self.v_proj = nn.Linear(c.d_model, kv_dim, bias=False)
+        self.attn_out = nn.Linear(c.d_model, c.d_model, bias=False)
+        self.ff_norm = RMSNorm(c.d_model, c.rms_norm_eps)
+        self.ff_proj = nn.Linear(c.d_model, c.mlp_hidden_size, bias=False)  # the gate (through SiLU)
+        self.up_proj = nn.Linear(c.d_model, c.mlp_hidden_size, bias=False)
+        self.ff_out = nn.Linear(c.mlp_hidden_size, c.d_model, bias=False)
+
+    def attention(self, x, cos, sin, bias):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # Bidirectional: every token sees every token (no causal mask), the defining change from LLaMA.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.attn_out(y.transpose(1, 2).reshape(B, T, C))  # (B, nh, T, hs) -> (B, T, C)
+
+    def mlp(self, x):
+        return self.ff_out(F.silu(self.ff_proj(x)) * self.up_proj(x))
+
+    def forward(self, x, cos, sin, bias):
+        x = x + self.attention(self.attn_norm(x), cos, sin, bias)
+        return x + self.mlp(self.ff_norm(x))
+
+
+class LLaDA(nn.Module):
+    def __init__(self, config, rope_scale=1.0):
+        super().__init__()
+        self.config = config
+        self.rope_base = config.rope_theta * rope_scale  # LongLLaDA's static NTK: theta <- lambda * theta
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.embedding_size, config.d_model),
+            blocks=nn.ModuleList(Block(config) for _ in range(config.n_layers)),
+            ln_f=RMSNorm(config.d_model, config.rms_norm_eps),
+            ff_out=nn.Linear(config.d_model, config.embedding_size, bias=False),  # LM head, untied from wte
+        ))
+
+    def forward(self, ids, attention_mask=None, logits_at=None):
+        """ids (B, T) -> logits (B, T, V), or (B, K, V) at `logits_at` (a slice or 1-D index tensor over T).
+
+        attention_mask (B, T), 1 = token, 0 = left padding: masks those keys with an additive bias, as the
+        official Oct-2025 revision does; positions are not shifted."""
+        tr = self.transformer
+        x = tr.wte(ids)  # (B, T, C); no scaling, no position embedding, no time embedding
+        # RoPE once per forward, in fp32, for positions 0..T-1 (not once per layer).
+        cos, sin = rope_cos_sin(ids.shape[1], self.config.head_dim, self.rope_base, ids.device)
+        bias = None
+        if attention_mask is not None:
+            pad = 1.0 - attention_mask.to(x.dtype)[:, None, None, :]  # (B, 1, 1, T): keys only
+            bias = pad * torch.finfo(x.dtype).min
+        for block in tr.blocks:
+            x = block(x, cos, sin, bias)
+        if logits_at is not None:
+            # The LM head only where logits are needed: at 24k tokens the full logits would be
+            # 24576 x 126464 values (6 GB in bf16) per forward, for a few dozen rows actually used.
+            x = x[:, logits_at]  # (B, K, C)
+        return tr.ff_out(tr.ln_f(x))
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _shard_files(path):
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [path / name for name in dict.fromkeys(weight_map.values())]  # in order, no repeats
+    else:
+        files = [path / "model.safetensors"]
+    for f in files:
+        if not f.exists():
+            raise UserError(f"missing weights file: {f}")
+    return files
+
+
+def load_model(path, device=None, dtype=None, rope_scale=1.0, verbose=False):
+    """Load a LLaDA checkpoint folder (config.json + safetensors shards) straight onto `device`.
+
+    The model is built on the meta device (no memory, no random init of 8B parameters), each tensor is
+    read from its shard directly onto the target device and assigned as the parameter itself
+    (`assign=True`), so only one copy of the weights ever exists. Default dtype: bf16 on CUDA, fp32 on
+    CPU. `rope_scale` multiplies rope_theta (LongLLaDA's static NTK factor lambda)."""
+    t0 = time.time()
+    path = Path(path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if not path.is_dir():
+        raise UserError(f"model folder not found: {path}")
+    if not (path / "config.json").exists():
+        raise UserError(f"no config.json in {path}")
+    config = config_from_json(json.loads((path / "config.json").read_text()))
+    with torch.device("meta"):
+        model = LLaDA(config, rope_scale)
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    state = {}
+    for file in _shard_files(path):
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                name = key.removeprefix("model.")
+                if name not in expected:
+                    raise UserError(f"unexpected tensor {key} in {file.name}")
+                if f.get_slice(key).get_shape() != list(expected[name]):
+                    raise UserError(f"tensor {key} in {file.name} has shape {f.get_slice(key).get_shape()}, "
+                                    f"expected {list(expected[name])}")
+                state[name] = f.get_tensor(key).to(dtype)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise UserError(f"checkpoint is missing {len(missing)} tensor(s), e.g. model.{missing[0]}")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.eval().requires_grad_(False)
+    if verbose:
+        n = sum(p.numel() for p in model.parameters())
+        print(f"loaded {n / 1e9:.2f}B parameters ({dtype}) to {device} in {time.time() - t0:.1f}s", file=sys.stderr)
+    return model
+
+
+def run_cli(main):
+    """Run a script's main(): a UserError or Ctrl-C is one line on stderr (exit code 2 / 130), no traceback."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
