@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from rope import apply_rope, rope_cos_sin
+from rope import apply_rope, extrapolation_bound, rope_cos_sin
 
 
 class UserError(ValueError):
@@ -63,6 +63,8 @@ def config_from_json(cfg):
         config.mlp_hidden_size = cfg.get("mlp_ratio", 4) * config.d_model
     if cfg.get("embedding_size") is None:
         config.embedding_size = config.vocab_size
+    if config.eot_token_id >= config.embedding_size:  # <|eot_id|> exists only in the real 126k vocabulary
+        config.eot_token_id = None
     if config.d_model % config.n_heads or config.n_heads % config.n_kv_heads:
         raise UserError(f"config.json: d_model {config.d_model}, n_heads {config.n_heads} and "
                         f"n_kv_heads {config.n_kv_heads} do not divide")
@@ -129,6 +131,20 @@ class LLaDA(nn.Module):
             ln_f=RMSNorm(config.d_model, config.rms_norm_eps),
             ff_out=nn.Linear(config.d_model, config.embedding_size, bias=False),  # LM head, untied from wte
         ))
+
+    @property
+    def device(self):
+        return self.transformer.wte.weight.device
+
+    def check_length(self, length):
+        """Longer contexts than the scaling law's bound (rope.py) are allowed, but warned about: some RoPE
+        angles there were never seen in training. Returns the bound."""
+        c, scale = self.config, self.rope_base / self.config.rope_theta
+        bound = extrapolation_bound(c.head_dim, c.rope_theta, c.max_sequence_length, scale)
+        if length > bound:
+            print(f"warning: {length} tokens exceed the extrapolation bound {bound:.0f} of rope_scale {scale:g}; "
+                  "see `python rope.py`", file=sys.stderr)
+        return bound
 
     def forward(self, ids, attention_mask=None, logits_at=None):
         """ids (B, T) -> logits (B, T, V), or (B, K, V) at `logits_at` (a slice or 1-D index tensor over T).
@@ -204,7 +220,7 @@ def load_model(path, device=None, dtype=None, rope_scale=1.0, verbose=False):
     model.eval().requires_grad_(False)
     if verbose:
         n = sum(p.numel() for p in model.parameters())
-        print(f"loaded {n / 1e9:.2f}B parameters ({dtype}) to {device} in {time.time() - t0:.1f}s", file=sys.stderr)
+        print(f"loaded {n / 1e6:,.0f}M parameters ({dtype}) to {device} in {time.time() - t0:.1f}s", file=sys.stderr)
     return model
 
 
@@ -212,7 +228,7 @@ def run_cli(main):
     """Run a script's main(): a UserError or Ctrl-C is one line on stderr (exit code 2 / 130), no traceback."""
     try:
         main()
-    except UserError as e:
+    except (UserError, OSError) as e:  # OSError: a missing or unreadable file named by the user
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
