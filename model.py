@@ -147,7 +147,8 @@ class LLaDA(nn.Module):
         return bound
 
     def forward(self, ids, attention_mask=None, logits_at=None):
-        """ids (B, T) -> logits (B, T, V), or (B, K, V) at `logits_at` (a slice or 1-D index tensor over T).
+        """ids (B, T) -> logits (B, T, V); or only at `logits_at`: a slice or 1-D index tensor over T gives
+        (B, K, V), a (B, T) bool mask gives (N, V) for its N true entries.
 
         attention_mask (B, T), 1 = token, 0 = left padding: masks those keys with an additive bias, as the
         official Oct-2025 revision does; positions are not shifted."""
@@ -164,7 +165,8 @@ class LLaDA(nn.Module):
         if logits_at is not None:
             # The LM head only where logits are needed: at 24k tokens the full logits would be
             # 24576 x 126464 values (6 GB in bf16) per forward, for a few dozen rows actually used.
-            x = x[:, logits_at]  # (B, K, C)
+            is_mask = torch.is_tensor(logits_at) and logits_at.dtype == torch.bool
+            x = x[logits_at] if is_mask else x[:, logits_at]  # (N, C) or (B, K, C)
         return tr.ff_out(tr.ln_f(x))
 
 

@@ -1,0 +1,111 @@
+"""Perplexity against context length for a diffusion LM (LongLLaDA Fig. 1a; protocol in REFERENCE.md section 3)."""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model import UserError, load_model, run_cli
+from sample import load_tokenizer
+
+
+@torch.no_grad()
+def chunk_nll(model, prefix, answer, mc_num=8, mask_id=None, batch=None, generator=None):
+    """Per-token negative conditional ELBO of `answer` given the clean `prefix`, in nats (LLaDA Eq. 6).
+
+    Each Monte-Carlo sample masks k ~ U{1..L} random answer positions and takes the mean cross-entropy
+    over them; E[(1/k) sum_{i in S} CE_i] is the per-token bound E[(L/k) sum CE_i] / L. The samples go
+    through the model together (`batch` rows at most) and the LM head runs on the masked positions only."""
+    mask_id = model.config.mask_token_id if mask_id is None else mask_id
+    P, L, dev = len(prefix), len(answer), model.device
+    k = torch.randint(1, L + 1, (mc_num, 1), generator=generator)
+    masked = torch.rand(mc_num, L, generator=generator).argsort(1) < k  # (mc, L): k random positions per row
+    seq, answer = torch.cat([prefix, answer]).to(dev), answer.to(dev)
+    total = 0.0
+    for m in masked.to(dev).split(batch or mc_num):
+        x = seq.repeat(len(m), 1)  # (n, P + L)
+        x[:, P:][m] = mask_id
+        logits = model(x, logits_at=F.pad(m, (P, 0)))  # (N, V): one row per masked position
+        ce = F.cross_entropy(logits.float(), answer.expand_as(m)[m], reduction="none")
+        per_sample = torch.zeros(m.shape, dtype=torch.float64, device=dev).masked_scatter_(m, ce.double())
+        total += (per_sample.sum(1) / m.sum(1)).sum().item()
+    return total / mc_num
+
+
+def curve(chunks):
+    """(context lengths, exp of the cumulative mean of chunk values): the cumulative geometric mean."""
+    nll = torch.tensor([c["nll"] for c in chunks], dtype=torch.float64)
+    ppl = (nll.cumsum(0) / torch.arange(1, len(nll) + 1)).exp()
+    return [c["length"] for c in chunks], ppl.tolist()
+
+
+def plot(runs, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in runs:
+        ax.plot(*curve(run["chunks"]), label=f"{run['settings']['model']} (rope_scale {run['settings']['rope_scale']:g})")
+    for train_len in {run["train_len"] for run in runs}:
+        ax.axvline(train_len, color="0.5", ls="--", lw=1)
+        ax.text(train_len, ax.get_ylim()[1], f" trained {train_len}", va="top", fontsize=8, color="0.4")
+    ax.set(xlabel="context length (tokens)", ylabel="perplexity (cumulative)", title="Perplexity vs context length")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main():
+    p = argparse.ArgumentParser(description="Perplexity against context length (LongLLaDA Fig. 1a).")
+    p.add_argument("--model", help="checkpoint folder (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--text", help="a long text file, tokenized with the model's tokenizer")
+    p.add_argument("--max-len", type=int, default=16384, help="longest context in tokens (the curve's end)")
+    p.add_argument("--chunk", type=int, default=64, help="answer chunk length in tokens")
+    p.add_argument("--mc", type=int, default=8, help="Monte-Carlo samples per chunk")
+    p.add_argument("--rope-scale", type=float, default=1.0, help="static NTK factor lambda (python rope.py)")
+    p.add_argument("--seed", type=int, default=0, help="seed; each chunk draws its masks from (seed, chunk)")
+    p.add_argument("--batch", type=int, default=8, help="most sequences per forward (lower it to save memory)")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--out", default="results/ppl.json", help="JSON to write (and resume); the PNG goes beside it")
+    p.add_argument("--compare", nargs="+", metavar="JSON", help="only overlay these runs in one figure (--out PNG)")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.compare:
+        return plot([json.loads(Path(f).read_text()) for f in args.compare], out.with_suffix(".png"))
+    if not args.model or not args.text or args.chunk < 1 or args.mc < 1 or args.batch < 1:
+        raise UserError("need --model and --text, and --chunk, --mc and --batch of at least 1")
+    ids = torch.tensor(load_tokenizer(args.model).encode(Path(args.text).read_text(), add_special_tokens=False).ids)
+    if len(ids) < max(args.max_len, 2 * args.chunk):
+        raise UserError(f"{args.text} has {len(ids)} tokens; --max-len {args.max_len} needs at least that many")
+    settings = dict(model=Path(args.model).name, text=Path(args.text).name, max_len=args.max_len,
+                    chunk=args.chunk, mc=args.mc, rope_scale=args.rope_scale, seed=args.seed)
+    run = json.loads(out.read_text()) if out.exists() else dict(settings=settings, chunks=[])
+    if run["settings"] != settings:  # never mix runs: a resume must continue the same experiment
+        raise UserError(f"{out} holds a run with other settings {run['settings']}; choose another --out")
+    model = load_model(args.model, args.device, rope_scale=args.rope_scale, verbose=True)
+    run["train_len"] = model.config.max_sequence_length
+    model.check_length(args.max_len)
+    todo = range(len(run["chunks"]) + 1, args.max_len // args.chunk)  # chunk i: prefix = the i chunks before
+    t0, work = time.time(), sum((i + 1) * args.chunk for i in todo)
+    for n, i in enumerate(todo):
+        start = i * args.chunk
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + i)  # per chunk: same draws on any rerun
+        nll = chunk_nll(model, ids[:start], ids[start:start + args.chunk], args.mc, batch=args.batch, generator=gen)
+        run["chunks"].append(dict(length=start + args.chunk, nll=nll))
+        out.write_text(json.dumps(run))  # after every chunk: an interrupted run resumes where it stopped
+        done = sum((j + 1) * args.chunk for j in todo[:n + 1])
+        rate = done * args.mc / (time.time() - t0)
+        print(f"\rchunk {i}/{todo[-1]}  ppl {curve(run['chunks'])[1][-1]:.3f}  {rate:,.0f} tok/s  "
+              f"ETA {(work - done) * args.mc / rate / 60:.1f} min", end="", file=sys.stderr)
+    plot([run], out.with_suffix(".png"))
+    lengths, ppl = curve(run["chunks"])
+    print(f"\nperplexity at {lengths[-1]} tokens: {ppl[-1]:.3f}; wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
