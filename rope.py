@@ -70,6 +70,11 @@ def ntk_scale_for(target_len, head_dim, base, train_len):
 
 # --- python rope.py: the table and the picture ---
 
+def parse_lengths(text):
+    """'2k,4k,20000' -> [2048, 4096, 20000] (k = 1024 tokens); ValueError on anything else."""
+    return [int(float(t[:-1]) * 1024) if t.lower().endswith("k") else int(t) for t in text.split(",")]
+
+
 PRESETS = [  # name, head_dim, base, train_len, bidirectional
     ("LLaDA-8B", 128, 500000.0, 4096, True),
     ("LLaMA3-8B", 128, 500000.0, 8192, False),
@@ -130,7 +135,7 @@ def main():
     p.add_argument("--out", default="rope_extrapolation.png", help="where to write the picture")
     args = p.parse_args()
     try:
-        targets = [int(float(t[:-1]) * 1024) if t.lower().endswith("k") else int(t) for t in args.target.split(",")]
+        targets = parse_lengths(args.target)
     except ValueError:
         p.error(f"--target: expected lengths like 8k,16k or 20000, got {args.target!r}")
     models = PRESETS

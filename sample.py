@@ -107,7 +107,7 @@ def main():
     prompt = torch.tensor([tok.encode(text, add_special_tokens=False).ids], device=model.device)
     model.check_length(prompt.shape[1] + args.gen_length)
     torch.manual_seed(args.seed)
-    mask_id, stops = model.config.mask_token_id, {model.config.eos_token_id, model.config.eot_token_id}
+    mask_id = model.config.mask_token_id
 
     def show(x, step):
         cells = ["░" if t == mask_id else tok.decode([t]) for t in x[0, prompt.shape[1]:].tolist()]
@@ -117,10 +117,15 @@ def main():
     out = generate(model, prompt, None, args.steps, args.gen_length, args.block_length, args.temperature,
                    args.cfg, args.remasking, on_step=show if args.show else None)
     seconds = time.time() - t0
-    answer = out[0, prompt.shape[1]:].tolist()
-    print(tok.decode(answer[:min([answer.index(t) for t in stops if t in answer], default=len(answer))]))
+    print(decode_answer(tok, model, out[0, prompt.shape[1]:]))
     mem = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available() else ""
     print(f"[{prompt.shape[1]} prompt tokens, {args.steps / seconds:.2f} steps/s, {seconds:.1f}s{mem}]", file=sys.stderr)
+
+
+def decode_answer(tok, model, answer):
+    """Text of the answer ids up to the first EOS / end-of-turn, special tokens dropped."""
+    answer, stops = answer.tolist(), (model.config.eos_token_id, model.config.eot_token_id)
+    return tok.decode(answer[:min([answer.index(t) for t in stops if t in answer], default=len(answer))])
 
 
 def load_tokenizer(folder):

@@ -63,3 +63,29 @@ def write_tokenizer(folder):
 def ckpt_tok(ckpt_copy):
     write_tokenizer(ckpt_copy)
     return ckpt_copy
+
+
+def write_byte_tokenizer(folder):
+    """A byte-level tokenizer.json: ids 0-255 are the bytes (GPT-2 style symbols), no merges, so any
+    English text encodes within the tiny fixture's vocabulary; specials as in write_tokenizer."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_syms = sorted(alphabet, key=lambda ch: _byte_of(ch))
+    vocab = {ch: i for i, ch in enumerate(byte_syms)} | {t: i for i, t in SPECIALS.items()}
+    tok = Tokenizer(models.BPE(vocab, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS.values()])
+    tok.save(str(folder / "tokenizer.json"))
+
+
+def _byte_of(ch):
+    """GPT-2's bytes_to_unicode, inverted: printable bytes map to themselves, the rest to 256 + n."""
+    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    return ord(ch) if ord(ch) in printable else [b for b in range(256) if b not in printable][ord(ch) - 256]
+
+
+@pytest.fixture
+def ckpt_bytes(ckpt_copy):
+    write_byte_tokenizer(ckpt_copy)
+    return ckpt_copy

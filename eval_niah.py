@@ -1,0 +1,186 @@
+"""Needle-in-a-haystack grid with heatmaps (LongLLaDA Fig. 2, 3 and 6; protocol in REFERENCE.md section 5)."""
+import argparse
+import json
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from model import UserError, load_model, run_cli
+from rope import parse_lengths
+from sample import decode_answer, generate, load_tokenizer
+
+ISLANDS = ("Marrow Kestrel Tamsin Orlaith Brevik Solvang Quillon Harrowgate Ebbridge Corvane Lindqvist Maravel "
+           "Ostrava Rennick Sablewick Thornmere Vantor Wexley Ysolde Pellmoor").split()
+ITEMS = [f"{a} {b}" for a in "Amber Bronze Crystal Ebony Golden Ivory Jade Obsidian Silver Sapphire".split()
+         for b in "Compass Crown Chalice Dagger Harp Lantern Mirror Scroll Shield Spear Telescope Key".split()]
+# The default haystack is generated prose with real sentence boundaries. RULER's "noise" haystack repeats five
+# fixed sentences, which makes any new sentence, such as the needle, stand out far too easily.
+WORDS = dict(who="the old ferryman|a quiet archivist|the village council|my grandmother|a travelling merchant|two "
+                 "fishermen|the schoolteacher|a tired soldier|the baker's daughter|the harbour master",
+             did="carried|mended|painted|counted|buried|sold|studied|polished|traded|followed|measured|described",
+             adj="weathered|narrow|crooked|silent|golden|borrowed|forgotten|heavy|fragile|ordinary|distant|painted",
+             thing="lantern|ledger|bridge|orchard|wagon|letter|well|window|map|garden|bell|staircase|boat|fence",
+             place="harbour|market square|mill|chapel|valley|library|northern road|inn|lighthouse|granary",
+             when="the first frost|midsummer|the long rains|dawn|the harvest fair|the spring tide|late autumn")
+TEMPLATES = ["{Who} {did} the {adj} {thing} near the {place}.", "By {when}, {who} had {did} every {thing} there.",
+             "Nobody at the {place} could say why the {thing} had become so {adj}.",
+             "It was said that the {adj} {thing} was only ever seen around {when}.",
+             "The {place} was {adj} that year, and {who} {did} the {thing} without a word.",
+             "When {when} came, the {thing} by the {place} was {adj} again."]
+PROMPT = ("You are an intelligent AI assistant skilled in answering user questions.\nPlease keep your answers concise "
+          "and clear. Do not talk about irrelevant topics or repeat your answers.\nThe document given to you by the "
+          "user is ", "\n\nNow, the question is: What legendary item is hidden on {0} Island? Before answering, please "
+          "consider what in the document is most relevant to this question. The legendary item hidden on the {0} Island is")
+
+
+def generated_sentences(rng):
+    """An endless stream of sentences drawn from the word lists and templates above."""
+    words = {k: v.split("|") for k, v in WORDS.items()}
+    while True:
+        pick = {k: rng.choice(v) for k, v in words.items()}
+        yield rng.choice(TEMPLATES).format(Who=pick["who"].capitalize(), **pick)
+
+
+def build_prompt(tok, sentences, length, depth, island, needle):
+    """Exactly `length` token ids: scaffold + haystack, with the needle on its own line at the sentence
+    boundary nearest `depth`% of the haystack. `sentences` yields token ids, one sentence at a time."""
+    head, tail, needle = (tok.encode(t, add_special_tokens=False).ids
+                          for t in (PROMPT[0], PROMPT[1].format(island), f"\n{needle}\n"))
+    budget = length - len(head) - len(tail) - len(needle)
+    if budget < 1:
+        raise UserError(f"length {length} cannot hold the prompt scaffold and needle ({length - budget + 1} at least)")
+    pieces, n = [], 0
+    for ids in sentences:
+        if n >= budget:
+            break
+        pieces.append(ids[:budget - n])  # the last sentence is cut to fit exactly
+        n += len(pieces[-1])
+    if n < budget:
+        raise UserError(f"the haystack has {n} tokens; length {length} needs {budget}")
+    bounds = torch.tensor([0] + [len(p) for p in pieces]).cumsum(0)
+    k = int((bounds - depth / 100 * n).abs().argmin())
+    return head + sum(pieces[:k], []) + needle + sum(pieces[k:], []) + tail
+
+
+def levenshtein(a, b):
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def score(prediction, keyword, needle):
+    """100 if the keyword is in the prediction, else up to 20 for string similarity to the needle."""
+    if keyword in prediction:
+        return 100.0
+    pred, needle = prediction.strip(), needle.strip()
+    return 0.2 * 100 * (1 - levenshtein(pred, needle) / max(len(pred), len(needle), 1))
+
+
+def plot(rows, out):
+    """Heatmap: depth down, length across, colour = mean score over repeats; above it the mean per length."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lengths, depths = sorted({r["length"] for r in rows}), sorted({r["depth"] for r in rows})
+    cells = {}
+    for r in rows:
+        cells.setdefault((r["depth"], r["length"]), []).append(r["score"])
+    grid = torch.tensor([[sum(cells.get((d, n), [torch.nan])) / len(cells.get((d, n), [0])) for n in lengths]
+                         for d in depths])
+    fig, (top, ax) = plt.subplots(2, 1, sharex=True, height_ratios=[1, 3], figsize=(1.2 * len(lengths) + 3, 7))
+    im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+    top.plot(range(len(lengths)), grid.nanmean(0), "k.-")
+    top.set(ylim=(-5, 105), ylabel="mean over depths")
+    names = [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths]
+    ax.set(xticks=range(len(lengths)), xticklabels=names, yticks=range(len(depths)),
+           yticklabels=[f"{d:g}%" for d in depths], xlabel="prompt length (tokens)", ylabel="needle depth")
+    fig.colorbar(im, ax=[top, ax], label="score")
+    s = rows[0]["settings"]
+    top.set_title(f"{s['model']}, rope_scale {s['rope_scale']:g}, steps {s['steps']}: overall {grid.nanmean():.2f}")
+    fig.savefig(out, dpi=120)
+    return float(grid.nanmean())
+
+
+def main():
+    p = argparse.ArgumentParser(description="Needle-in-a-haystack grid (LongLLaDA Fig. 2, 3, 6).")
+    p.add_argument("--model", help="checkpoint folder (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--lengths", default="2k,4k,8k,16k,24k,32k", help="prompt lengths in tokens (k = 1024)")
+    p.add_argument("--depths", default="0:100:10", help="needle depths in %%: start:stop:step or a list")
+    p.add_argument("--repeats", type=int, default=10, help="needle and haystack draws per cell")
+    p.add_argument("--steps", type=int, default=32, help="denoising steps")
+    p.add_argument("--gen-length", type=int, default=32, help="answer length in tokens")
+    p.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block length")
+    p.add_argument("--rope-scale", type=float, default=1.0, help="static NTK factor lambda (python rope.py)")
+    p.add_argument("--haystack", help="a long text file to use as haystack (default: generated prose)")
+    p.add_argument("--seed", type=int, default=0, help="seed of needles and haystacks")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--out", help="results JSONL (default results/<model>_rope<scale>_steps<n>.jsonl)")
+    p.add_argument("--plot", metavar="JSONL", help="only redraw the heatmap of a results file")
+    args = p.parse_args()
+    if args.plot:
+        overall = plot([json.loads(line) for line in Path(args.plot).read_text().splitlines()],
+                       Path(args.plot).with_suffix(".png"))
+        return print(f"overall {overall:.2f}; wrote {Path(args.plot).with_suffix('.png')}")
+    try:
+        lengths = parse_lengths(args.lengths)
+        a = [float(v) for v in re.split("[:,]", args.depths)]
+        depths = [a[0] + i * a[2] for i in range(int((a[1] - a[0]) / a[2]) + 1)] if ":" in args.depths else a
+    except (ValueError, IndexError, ZeroDivisionError):
+        raise UserError(f"bad --lengths {args.lengths!r} or --depths {args.depths!r}") from None
+    if not args.model or not all(0 <= d <= 100 for d in depths) or args.repeats < 1:
+        raise UserError("need --model, depths within 0 to 100, and --repeats of at least 1")
+    tok = load_tokenizer(args.model)
+    name = Path(args.model).name
+    out = Path(args.out or f"results/{name}_rope{args.rope_scale:g}_steps{args.steps}.jsonl")
+    settings = dict(model=name, rope_scale=args.rope_scale, steps=args.steps, gen_length=args.gen_length,
+                    block_length=args.block_length, haystack=Path(args.haystack).name if args.haystack else
+                    "generated", seed=args.seed)
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    if any(r["settings"] != settings for r in rows):  # never mix runs with different settings
+        raise UserError(f"{out} holds results with other settings; choose another --out")
+    done = {(r["length"], r["depth"], r["repeat"]) for r in rows}
+    todo = [(n, d, i) for n in lengths for d in depths for i in range(args.repeats) if (n, d, i) not in done]
+    if args.haystack:  # the file's sentences, tokenized once; each repeat starts at its own sentence
+        text = Path(args.haystack).read_text()
+        haystack = [e.ids for e in tok.encode_batch([" " + s for s in re.split(r"(?<=[.!?])\s+", text) if s],
+                                                      add_special_tokens=False)]
+    model = load_model(args.model, args.device, rope_scale=args.rope_scale, verbose=True) if todo else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    for c, (n, d, i) in enumerate(todo):
+        rng = random.Random(f"{args.seed}-{i}")  # per repeat: the same needle at every length and depth
+        island, item = rng.choice(ISLANDS), rng.choice(ITEMS)
+        needle = f"Hidden on {island} Island is the legendary {item}."
+        if args.haystack:
+            start = rng.randrange(len(haystack))
+            sentences = haystack[start:] + haystack[:start]
+        else:
+            sentences = (tok.encode(" " + s, add_special_tokens=False).ids for s in generated_sentences(rng))
+        ids = build_prompt(tok, sentences, n, d, island, needle)
+        if c == 0 or n != todo[c - 1][0]:
+            model.check_length(n + args.gen_length)
+        out_ids = generate(model, torch.tensor([ids], device=model.device), None, args.steps, args.gen_length,
+                           args.block_length)
+        prediction = decode_answer(tok, model, out_ids[0, n:])
+        row = dict(settings=settings, length=n, depth=d, repeat=i, prediction=prediction,
+                   score=score(prediction, item, needle))
+        with out.open("a") as f:  # one line per finished sample: an interruption loses at most this one
+            f.write(json.dumps(row) + "\n")
+        rows.append(row)
+        eta = (time.time() - t0) / (c + 1) * (len(todo) - c - 1)
+        print(f"\rsample {c + 1}/{len(todo)}  {n} tokens, depth {d:g}%: {row['score']:.0f}  ETA {eta / 60:.1f} min  ",
+              end="", file=sys.stderr)
+    if rows:
+        overall = plot(rows, out.with_suffix(".png"))
+        print(f"\noverall {overall:.2f}; wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
