@@ -36,6 +36,16 @@ def chunk_nll(model, prefix, answer, mc_num=8, mask_id=None, batch=None, generat
     return total / mc_num
 
 
+@torch.no_grad()
+def next_token_nll(model, ids, piece=1024):
+    """Per-token next-token cross-entropy (T-1,) of a causal model, from one forward; the LM head runs on
+    `piece` positions at a time (16k x 128k full logits would be 4 GB in bf16)."""
+    ids = ids.to(model.device)
+    h = model.hidden_states(ids[None])[0, :-1]  # (T-1, C): position t predicts token t+1
+    return torch.cat([F.cross_entropy(model.lm_head(h[s:s + piece]).float(), ids[s + 1:s + 1 + piece], reduction="none")
+                      for s in range(0, len(h), piece)])
+
+
 def curve(chunks):
     """(context lengths, exp of the cumulative mean of chunk values): the cumulative geometric mean."""
     nll = torch.tensor([c["nll"] for c in chunks], dtype=torch.float64)
@@ -91,6 +101,11 @@ def main():
     run["train_len"] = model.config.max_sequence_length
     model.check_length(args.max_len)
     todo = range(len(run["chunks"]) + 1, args.max_len // args.chunk)  # chunk i: prefix = the i chunks before
+    if model.config.causal:  # AR baseline: ordinary next-token perplexity, one causal forward, same chunks
+        nll, c = next_token_nll(model, ids[:args.max_len]).cpu(), args.chunk
+        run["chunks"] += [dict(length=(i + 1) * c, nll=nll[i * c - 1:(i + 1) * c - 1].mean().item()) for i in todo]
+        out.write_text(json.dumps(run))
+        todo = []
     t0, work = time.time(), sum((i + 1) * args.chunk for i in todo)
     for n, i in enumerate(todo):
         start = i * args.chunk

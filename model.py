@@ -6,6 +6,7 @@ Module names are the checkpoint's tensor names minus the leading "model.", so lo
 `load_state_dict` with no name table.
 """
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -36,10 +37,11 @@ class LLaDAConfig:
     rope_theta: float = 500000.0
     max_sequence_length: int = 4096  # the trained length; nothing enforces it (that is the paper's topic)
     rms_norm_eps: float = 1e-5
-    mask_token_id: int = 126336
+    mask_token_id: int | None = 126336
     eos_token_id: int = 126081
-    eot_token_id: int = 126348  # <|eot_id|> of the Instruct chat template; not in config.json
+    eot_token_id: int | None = 126348  # <|eot_id|> of the Instruct chat template; not in config.json
     pad_token_id: int = 126081
+    causal: bool = False  # True only for the autoregressive baseline (Hugging Face LLaMA checkpoints)
 
     @property
     def head_dim(self):
@@ -53,10 +55,35 @@ REQUIRED = dict(block_type="llama", activation_type="silu", layer_norm_type="rms
                 input_emb_norm=False, attention_layer_norm=False, clip_qkv=None, block_group_size=1)
 
 
-def config_from_json(cfg):
-    for key, want in REQUIRED.items():
+LLAMA_REQUIRED = dict(hidden_act="silu", tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+                      rope_scaling=None)  # rope_scaling: llama3 / yarn / linear ... are refused, not ignored
+
+
+def refuse_unsupported(cfg, required):
+    for key, want in required.items():
         if cfg.get(key, want) != want:
             raise UserError(f"config.json: {key}={cfg[key]!r} is not implemented (this code supports {want!r})")
+
+
+def llama_config(cfg):
+    """A Hugging Face LLaMA config.json (the autoregressive baseline of the paper) in this file's terms."""
+    rope = cfg.get("rope_parameters") or {}  # newer transformers write the base here instead of top level
+    refuse_unsupported(cfg | {"rope_type": rope.get("rope_type", "default")}, LLAMA_REQUIRED | {"rope_type": "default"})
+    d, heads, eos = cfg["hidden_size"], cfg["num_attention_heads"], cfg.get("eos_token_id")
+    refuse_unsupported(cfg, dict(head_dim=d // heads))
+    eos = eos if isinstance(eos, list) else [eos]  # LLaMA-3 Instruct lists end-of-text and end-of-turn
+    return LLaDAConfig(d_model=d, n_heads=heads, n_kv_heads=cfg.get("num_key_value_heads") or heads,
+                       n_layers=cfg["num_hidden_layers"], mlp_hidden_size=cfg["intermediate_size"],
+                       vocab_size=cfg["vocab_size"], embedding_size=cfg["vocab_size"],
+                       rope_theta=cfg.get("rope_theta") or rope.get("rope_theta", 10000.0),
+                       max_sequence_length=cfg["max_position_embeddings"], rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                       mask_token_id=None, eos_token_id=eos[0], eot_token_id=eos[-1], pad_token_id=None, causal=True)
+
+
+def config_from_json(cfg):
+    if cfg.get("model_type") == "llama":
+        return llama_config(cfg)
+    refuse_unsupported(cfg, REQUIRED)
     known = {f.name for f in fields(LLaDAConfig)}
     config = LLaDAConfig(**{k: v for k, v in cfg.items() if k in known and v is not None})
     if cfg.get("mlp_hidden_size") is None:  # OLMo's fallback: mlp_ratio * d_model
@@ -90,7 +117,7 @@ class Block(nn.Module):
 
     def __init__(self, c):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim, self.causal = c.n_heads, c.n_kv_heads, c.head_dim, c.causal
         kv_dim = c.n_kv_heads * c.head_dim
         self.attn_norm = RMSNorm(c.d_model, c.rms_norm_eps)
         self.q_proj = nn.Linear(c.d_model, c.d_model, bias=False)
@@ -108,8 +135,9 @@ class Block(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # Bidirectional: every token sees every token (no causal mask), the defining change from LLaMA.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=self.n_kv_heads != self.n_heads)
+        # LLaDA is bidirectional: every token sees every token, the defining change from LLaMA (causal).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=self.causal and bias is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)  # GQA: LLaMA-3 only
         return self.attn_out(y.transpose(1, 2).reshape(B, T, C))  # (B, nh, T, hs) -> (B, T, C)
 
     def mlp(self, x):
@@ -148,29 +176,59 @@ class LLaDA(nn.Module):
 
     def forward(self, ids, attention_mask=None, logits_at=None):
         """ids (B, T) -> logits (B, T, V); or only at `logits_at`: a slice or 1-D index tensor over T gives
-        (B, K, V), a (B, T) bool mask gives (N, V) for its N true entries.
+        (B, K, V), a (B, T) bool mask gives (N, V) for its N true entries. The LM head runs only there: at
+        24k tokens full logits are 24576 x 126464 values (6 GB in bf16) per forward, for a few dozen used."""
+        x = self.hidden_states(ids, attention_mask)
+        if logits_at is not None:
+            is_mask = torch.is_tensor(logits_at) and logits_at.dtype == torch.bool
+            x = x[logits_at] if is_mask else x[:, logits_at]  # (N, C) or (B, K, C)
+        return self.lm_head(x)
 
-        attention_mask (B, T), 1 = token, 0 = left padding: masks those keys with an additive bias, as the
-        official Oct-2025 revision does; positions are not shifted."""
-        tr = self.transformer
+    def lm_head(self, x):
+        return self.transformer.ff_out(self.transformer.ln_f(x))
+
+    def hidden_states(self, ids, attention_mask=None):
+        """(B, T) -> (B, T, C) before the final norm. attention_mask (B, T), 1 = token, 0 = left padding,
+        masks those keys with an additive bias, as the official Oct-2025 revision does; positions are not shifted."""
+        tr, T = self.transformer, ids.shape[1]
         x = tr.wte(ids)  # (B, T, C); no scaling, no position embedding, no time embedding
         # RoPE once per forward, in fp32, for positions 0..T-1 (not once per layer).
-        cos, sin = rope_cos_sin(ids.shape[1], self.config.head_dim, self.rope_base, ids.device)
+        cos, sin = rope_cos_sin(T, self.config.head_dim, self.rope_base, ids.device)
         bias = None
         if attention_mask is not None:
             pad = 1.0 - attention_mask.to(x.dtype)[:, None, None, :]  # (B, 1, 1, T): keys only
             bias = pad * torch.finfo(x.dtype).min
+            if self.config.causal:  # minimum, not sum: two finfo.min would overflow to -inf (NaN rows)
+                bias = bias.minimum(torch.full((T, T), torch.finfo(x.dtype).min, device=x.device).triu(1))
         for block in tr.blocks:
             x = block(x, cos, sin, bias)
-        if logits_at is not None:
-            # The LM head only where logits are needed: at 24k tokens the full logits would be
-            # 24576 x 126464 values (6 GB in bf16) per forward, for a few dozen rows actually used.
-            is_mask = torch.is_tensor(logits_at) and logits_at.dtype == torch.bool
-            x = x[logits_at] if is_mask else x[:, logits_at]  # (N, C) or (B, K, C)
-        return tr.ff_out(tr.ln_f(x))
+        return x
 
 
 # ----------------------------------------------------------------------------- loading
+
+# Hugging Face LLaMA tensor names -> this file's modules ({i}: layer). LLaDA's names only lose "model.".
+HF_LLAMA_NAMES = {
+    "model.embed_tokens.weight": "transformer.wte.weight", "model.norm.weight": "transformer.ln_f.weight",
+    "lm_head.weight": "transformer.ff_out.weight",
+    "model.layers.{i}.input_layernorm.weight": "transformer.blocks.{i}.attn_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "transformer.blocks.{i}.q_proj.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "transformer.blocks.{i}.k_proj.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "transformer.blocks.{i}.v_proj.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "transformer.blocks.{i}.attn_out.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "transformer.blocks.{i}.ff_norm.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "transformer.blocks.{i}.ff_proj.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "transformer.blocks.{i}.up_proj.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "transformer.blocks.{i}.ff_out.weight",
+}
+
+
+def module_name(key, causal):
+    """Checkpoint tensor name -> module name (an unknown name comes back as it is, to be reported)."""
+    if not causal:
+        return key.removeprefix("model.")
+    layer = re.search(r"\.(\d+)\.", key)
+    return HF_LLAMA_NAMES.get(re.sub(r"\.\d+\.", ".{i}.", key, count=1), key).format(i=layer and layer[1])
 
 def _shard_files(path):
     index = path / "model.safetensors.index.json"
@@ -208,7 +266,7 @@ def load_model(path, device=None, dtype=None, rope_scale=1.0, verbose=False):
     for file in _shard_files(path):
         with safe_open(file, framework="pt", device=str(device)) as f:
             for key in f.keys():
-                name = key.removeprefix("model.")
+                name = module_name(key, config.causal)
                 if name not in expected:
                     raise UserError(f"unexpected tensor {key} in {file.name}")
                 if f.get_slice(key).get_shape() != list(expected[name]):
@@ -217,7 +275,7 @@ def load_model(path, device=None, dtype=None, rope_scale=1.0, verbose=False):
                 state[name] = f.get_tensor(key).to(dtype)
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise UserError(f"checkpoint is missing {len(missing)} tensor(s), e.g. model.{missing[0]}")
+        raise UserError(f"checkpoint is missing {len(missing)} tensor(s), e.g. the one for {missing[0]}")
     model.load_state_dict(state, strict=True, assign=True)
     model.eval().requires_grad_(False)
     if verbose:

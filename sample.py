@@ -37,7 +37,10 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
              cfg_scale=0., remasking='low_confidence', mask_id=None, logits_eos_inf=False,
              confidence_eos_eot_inf=False, on_step=None):
     """Returns prompt + answer (B, T + gen_length). The answer starts all [MASK]; each step predicts every
-    masked token of the current block and keeps the most confident ones. `on_step(x, step)` sees each step."""
+    masked token of the current block and keeps the most confident ones. `on_step(x, step)` sees each step.
+    A causal model (the LLaMA baseline) gets greedy decoding of gen_length tokens instead."""
+    if model.config.causal:
+        return generate_ar(model, prompt, gen_length)
     config, (B, P), num_blocks = model.config, prompt.shape, gen_length // max(block_length, 1)
     mask_id = config.mask_token_id if mask_id is None else mask_id
     if num_blocks < 1 or gen_length % block_length or steps % num_blocks or not 0 < steps <= gen_length:
@@ -80,6 +83,16 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
                 x[j, block][select_index] = x0[j, select_index]
             if on_step is not None:
                 on_step(x, num_block * steps + i + 1)
+    return x
+
+
+@torch.no_grad()
+def generate_ar(model, prompt, max_new_tokens=32):
+    """Greedy autoregressive decoding, no EOS stop, no KV cache: one full forward per new token, which costs
+    what one diffusion step costs, so both families are timed alike."""
+    x = prompt
+    for _ in range(max_new_tokens):
+        x = torch.cat([x, model(x, logits_at=slice(-1, None)).argmax(-1)], 1)  # (B, T + 1)
     return x
 
 

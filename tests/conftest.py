@@ -89,3 +89,14 @@ def _byte_of(ch):
 def ckpt_bytes(ckpt_copy):
     write_byte_tokenizer(ckpt_copy)
     return ckpt_copy
+
+
+LLAMA = FIXTURES / "llama-tiny"
+
+
+@pytest.fixture
+def llama_copy(tmp_path):
+    dst = tmp_path / "llama"
+    shutil.copytree(LLAMA / "ckpt", dst)
+    write_byte_tokenizer(dst)
+    return dst
