@@ -1,6 +1,7 @@
 """Needle-in-a-haystack grid with heatmaps (LongLLaDA Fig. 2, 3 and 6; protocol in REFERENCE.md section 5)."""
 import argparse
 import json
+import os
 import random
 import re
 import sys
@@ -11,7 +12,7 @@ import torch
 
 from model import UserError, load_model, run_cli
 from rope import parse_lengths
-from sample import decode_answer, generate, load_tokenizer
+from sample import all_gather, decode_answer, distributed, generate, load_tokenizer
 
 ISLANDS = ("Marrow Kestrel Tamsin Orlaith Brevik Solvang Quillon Harrowgate Ebbridge Corvane Lindqvist Maravel "
            "Ostrava Rennick Sablewick Thornmere Vantor Wexley Ysolde Pellmoor").split()
@@ -151,7 +152,10 @@ def main():
         text = Path(args.haystack).read_text()
         haystack = [e.ids for e in tok.encode_batch([" " + s for s in re.split(r"(?<=[.!?])\s+", text) if s],
                                                       add_special_tokens=False)]
-    model = load_model(args.model, args.device, rope_scale=args.rope_scale, verbose=True) if todo else None
+    rank, world, device = distributed(args.device)
+    all_gather(None, world)  # barrier: every rank has read the file before any rank appends to it
+    todo = todo[rank::world]  # under torchrun: a disjoint share of what is not done yet
+    model = load_model(args.model, device, rope_scale=args.rope_scale, verbose=rank == 0) if todo else None
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     for c, (n, d, i) in enumerate(todo):
@@ -171,14 +175,17 @@ def main():
         prediction = decode_answer(tok, model, out_ids[0, n:])
         row = dict(settings=settings, length=n, depth=d, repeat=i, prediction=prediction,
                    score=score(prediction, item, needle))
-        with out.open("a") as f:  # one line per finished sample: an interruption loses at most this one
-            f.write(json.dumps(row) + "\n")
-        rows.append(row)
+        # One whole line per finished sample, in one O_APPEND write: an interruption loses at most the sample
+        # in flight, and lines of several ranks never interleave within a line.
+        fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.write(fd, (json.dumps(row) + "\n").encode())
+        os.close(fd)
         eta = (time.time() - t0) / (c + 1) * (len(todo) - c - 1)
-        print(f"\rsample {c + 1}/{len(todo)}  {n} tokens, depth {d:g}%: {row['score']:.0f}  ETA {eta / 60:.1f} min  ",
+        print(f"\r[rank {rank}] " * (world > 1) + f"sample {c + 1}/{len(todo)}  {n} tokens, depth {d:g}%: {row['score']:.0f}  ETA {eta / 60:.1f} min  ",
               end="", file=sys.stderr)
-    if rows:
-        overall = plot(rows, out.with_suffix(".png"))
+    all_gather(None, world)  # every rank has finished; rank 0 draws the whole grid
+    if rank == 0 and out.exists():
+        overall = plot([json.loads(line) for line in out.read_text().splitlines()], out.with_suffix(".png"))
         print(f"\noverall {overall:.2f}; wrote {out} and {out.with_suffix('.png')}")
 
 

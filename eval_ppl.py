@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from model import UserError, load_model, run_cli
-from sample import load_tokenizer
+from sample import all_gather, distributed, load_tokenizer
 
 
 @torch.no_grad()
@@ -51,6 +51,12 @@ def curve(chunks):
     nll = torch.tensor([c["nll"] for c in chunks], dtype=torch.float64)
     ppl = (nll.cumsum(0) / torch.arange(1, len(nll) + 1)).exp()
     return [c["length"] for c in chunks], ppl.tolist()
+
+
+def save(run, out):
+    """Write-then-rename, so that a kill never leaves half a JSON file behind."""
+    out.with_suffix(".tmp").write_text(json.dumps(run))
+    out.with_suffix(".tmp").replace(out)
 
 
 def plot(runs, out):
@@ -97,30 +103,33 @@ def main():
     run = json.loads(out.read_text()) if out.exists() else dict(settings=settings, chunks=[])
     if run["settings"] != settings:  # never mix runs: a resume must continue the same experiment
         raise UserError(f"{out} holds a run with other settings {run['settings']}; choose another --out")
-    model = load_model(args.model, args.device, rope_scale=args.rope_scale, verbose=True)
-    run["train_len"] = model.config.max_sequence_length
+    rank, world, device = distributed(args.device)
+    model = load_model(args.model, device, rope_scale=args.rope_scale, verbose=rank == 0)
+    run["train_len"], c = model.config.max_sequence_length, args.chunk
     model.check_length(args.max_len)
-    todo = range(len(run["chunks"]) + 1, args.max_len // args.chunk)  # chunk i: prefix = the i chunks before
-    if model.config.causal:  # AR baseline: ordinary next-token perplexity, one causal forward, same chunks
-        nll, c = next_token_nll(model, ids[:args.max_len]).cpu(), args.chunk
+    todo = list(range(len(run["chunks"]) + 1, args.max_len // c))  # chunk i: the prefix is the i chunks before it
+    if model.config.causal:  # AR baseline: ordinary next-token perplexity, from one causal forward
+        nll = next_token_nll(model, ids[:args.max_len]).cpu()
         run["chunks"] += [dict(length=(i + 1) * c, nll=nll[i * c - 1:(i + 1) * c - 1].mean().item()) for i in todo]
-        out.write_text(json.dumps(run))
         todo = []
-    t0, work = time.time(), sum((i + 1) * args.chunk for i in todo)
-    for n, i in enumerate(todo):
-        start = i * args.chunk
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + i)  # per chunk: same draws on any rerun
-        nll = chunk_nll(model, ids[:start], ids[start:start + args.chunk], args.mc, batch=args.batch, generator=gen)
-        run["chunks"].append(dict(length=start + args.chunk, nll=nll))
-        out.write_text(json.dumps(run))  # after every chunk: an interrupted run resumes where it stopped
-        done = sum((j + 1) * args.chunk for j in todo[:n + 1])
-        rate = done * args.mc / (time.time() - t0)
-        print(f"\rchunk {i}/{todo[-1]}  ppl {curve(run['chunks'])[1][-1]:.3f}  {rate:,.0f} tok/s  "
-              f"ETA {(work - done) * args.mc / rate / 60:.1f} min", end="", file=sys.stderr)
-    plot([run], out.with_suffix(".png"))
-    lengths, ppl = curve(run["chunks"])
-    print(f"\nperplexity at {lengths[-1]} tokens: {ppl[-1]:.3f}; wrote {out} and {out.with_suffix('.png')}")
-
+    t0, work = time.time(), sum(todo)
+    for r in range(0, len(todo), world):  # under torchrun, rank k takes chunk r + k of each round
+        mine = todo[r:r + world][rank:rank + 1]
+        gen = [torch.Generator().manual_seed(args.seed * 1_000_003 + i) for i in mine]  # draws depend on the chunk only
+        nll = [chunk_nll(model, ids[:i * c], ids[i * c:(i + 1) * c], args.mc, batch=args.batch, generator=g)
+               for i, g in zip(mine, gen)]
+        run["chunks"] += [dict(length=(i + 1) * c, nll=v) for i, v in zip(todo[r:r + world], sum(all_gather(nll, world), []))]
+        if rank == 0:  # after every round: an interrupted run resumes where it stopped
+            save(run, out)
+            done = sum(todo[:r + world])
+            print(f"\rchunk {todo[min(r + world, len(todo)) - 1]}/{todo[-1]}  ppl {curve(run['chunks'])[1][-1]:.3f}  "
+                  f"{done * c * args.mc / (time.time() - t0):,.0f} tok/s  ETA {(time.time() - t0) / done * (work - done) / 60:.1f} min",
+                  end="", file=sys.stderr)
+    if rank == 0:
+        save(run, out)
+        plot([run], out.with_suffix(".png"))
+        lengths, ppl = curve(run["chunks"])
+        print(f"\nperplexity at {lengths[-1]} tokens: {ppl[-1]:.3f}; wrote {out} and {out.with_suffix('.png')}")
 
 if __name__ == "__main__":
     run_cli(main)

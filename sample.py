@@ -1,5 +1,7 @@
 """LLaDA diffusion sampling (LLaDA's `generate.py`, same names and signature) and a CLI that shows it."""
 import argparse
+import atexit
+import os
 import sys
 import time
 from pathlib import Path
@@ -139,6 +141,28 @@ def decode_answer(tok, model, answer):
     """Text of the answer ids up to the first EOS / end-of-turn, special tokens dropped."""
     answer, stops = answer.tolist(), (model.config.eos_token_id, model.config.eot_token_id)
     return tok.decode(answer[:min([answer.index(t) for t in stops if t in answer], default=len(answer))])
+
+
+def distributed(device):
+    """Under torchrun: join the process group; return (rank, world size, this rank's device). With plain
+    python: (0, 1, device), and nothing of torch.distributed is initialised."""
+    if "LOCAL_RANK" not in os.environ:
+        return 0, 1, device
+    cuda, local = torch.cuda.is_available() and device in (None, "cuda"), int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local)
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    atexit.register(torch.distributed.destroy_process_group)  # else gloo may abort at interpreter exit
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), f"cuda:{local}" if cuda else device
+
+
+def all_gather(obj, world):
+    """Every rank's `obj`, in rank order; also a barrier. Without torchrun: [obj]."""
+    if world == 1:
+        return [obj]
+    objs = [None] * world
+    torch.distributed.all_gather_object(objs, obj)
+    return objs
 
 
 def load_tokenizer(folder):

@@ -100,3 +100,24 @@ def llama_copy(tmp_path):
     shutil.copytree(LLAMA / "ckpt", dst)
     write_byte_tokenizer(dst)
     return dst
+
+
+def run_script(script, *args):
+    """`python script args` run in this process (no interpreter and torch start-up per test): returns an
+    object with returncode, stdout and stderr like subprocess.run. Errors go through run_cli as in a shell."""
+    import contextlib
+    import importlib
+    import io
+    import types
+    from model import run_cli
+    module = importlib.import_module(script.removesuffix(".py"))
+    out, err, argv, code = io.StringIO(), io.StringIO(), sys.argv, 0
+    sys.argv = [script, *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            run_cli(module.main)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())

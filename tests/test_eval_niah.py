@@ -1,13 +1,11 @@
 import json
 import random
 import re
-import subprocess
-import sys
 
 import pytest
 from tokenizers import Tokenizer
 
-from conftest import ROOT, write_byte_tokenizer
+from conftest import run_script, write_byte_tokenizer
 from eval_niah import PROMPT, build_prompt, generated_sentences, score
 from model import UserError
 
@@ -68,7 +66,7 @@ def test_score():
 
 
 def niah(*args):
-    return subprocess.run([sys.executable, "eval_niah.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+    return run_script("eval_niah.py", *args)
 
 
 def test_end_to_end_resume_and_plot(ckpt_bytes, tmp_path):

@@ -1,13 +1,11 @@
 import json
 import math
 import statistics
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import LLADA, ROOT
+from conftest import LLADA, run_script
 from eval_ppl import chunk_nll, curve
 from model import load_model
 
@@ -46,7 +44,7 @@ def test_curve_is_cumulative_geometric_mean():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "eval_ppl.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+    return run_script("eval_ppl.py", *args)
 
 
 @pytest.fixture

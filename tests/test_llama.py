@@ -1,13 +1,11 @@
 """The autoregressive baseline: a Hugging Face LLaMA-3 checkpoint (causal, GQA) through the same code."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import LLAMA, ROOT, edit_json
+from conftest import LLAMA, edit_json, run_script
 from eval_ppl import next_token_nll
 from model import UserError, load_model
 from sample import generate
@@ -80,8 +78,7 @@ def test_llada_checkpoint_unaffected(tiny):
     assert not tiny.config.causal and tiny.config.mask_token_id == 380
 
 
-def run(script, *args):
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+run = run_script
 
 
 def test_all_three_scripts_run_the_causal_model(llama_copy, tmp_path, exp):

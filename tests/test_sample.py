@@ -1,11 +1,9 @@
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import LLADA, ROOT
+from conftest import LLADA, run_script
 from model import UserError
 from sample import generate, get_num_transfer_tokens
 
@@ -100,7 +98,7 @@ def test_bad_prompts_are_refused(tiny):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "sample.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+    return run_script("sample.py", *args)
 
 
 def test_cli_end_to_end(ckpt_tok, tiny):
