@@ -6,6 +6,7 @@ import random
 import re
 import sys
 import time
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -48,7 +49,7 @@ def generated_sentences(rng):
 
 def build_prompt(tok, sentences, length, depth, island, needle):
     """Exactly `length` token ids: scaffold + haystack, with the needle on its own line at the sentence
-    boundary nearest `depth`% of the haystack. `sentences` yields token ids, one sentence at a time."""
+    boundary nearest `depth`% of the haystack. `sentences`: token ids, one sentence each."""
     head, tail, needle = (tok.encode(t, add_special_tokens=False).ids
                           for t in (PROMPT[0], PROMPT[1].format(island), f"\n{needle}\n"))
     budget = length - len(head) - len(tail) - len(needle)
@@ -93,11 +94,11 @@ def plot(rows, out):
     cells = {}
     for r in rows:
         cells.setdefault((r["depth"], r["length"]), []).append(r["score"])
-    grid = torch.tensor([[sum(cells.get((d, n), [torch.nan])) / len(cells.get((d, n), [0])) for n in lengths]
-                         for d in depths])
+    grid = torch.tensor([[sum(cells[d, n]) / len(cells[d, n]) if (d, n) in cells else torch.nan for n in lengths]
+                         for d in depths])  # (depths, lengths): the mean over repeats
     fig, (top, ax) = plt.subplots(2, 1, sharex=True, height_ratios=[1, 3], figsize=(1.2 * len(lengths) + 3, 7))
-    im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
-    top.plot(range(len(lengths)), grid.nanmean(0), "k.-")
+    im = ax.imshow(grid.numpy(), cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+    top.plot(range(len(lengths)), grid.nanmean(0).numpy(), "k.-")
     top.set(ylim=(-5, 105), ylabel="mean over depths")
     names = [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths]
     ax.set(xticks=range(len(lengths)), xticklabels=names, yticks=range(len(depths)),
@@ -130,10 +131,10 @@ def main():
                        Path(args.plot).with_suffix(".png"))
         return print(f"overall {overall:.2f}; wrote {Path(args.plot).with_suffix('.png')}")
     try:
-        lengths = parse_lengths(args.lengths)
-        a = [float(v) for v in re.split("[:,]", args.depths)]
-        depths = [a[0] + i * a[2] for i in range(int((a[1] - a[0]) / a[2]) + 1)] if ":" in args.depths else a
-    except (ValueError, IndexError, ZeroDivisionError):
+        lengths, depths = parse_lengths(args.lengths), [int(d) for d in re.split("[:,]", args.depths)]
+        if ":" in args.depths:  # start:stop:step, stop included
+            depths = list(range(depths[0], depths[1] + 1, depths[2]))
+    except (ValueError, IndexError):
         raise UserError(f"bad --lengths {args.lengths!r} or --depths {args.depths!r}") from None
     if not args.model or not all(0 <= d <= 100 for d in depths) or args.repeats < 1:
         raise UserError("need --model, depths within 0 to 100, and --repeats of at least 1")
@@ -148,28 +149,24 @@ def main():
         raise UserError(f"{out} holds results with other settings; choose another --out")
     done = {(r["length"], r["depth"], r["repeat"]) for r in rows}
     todo = [(n, d, i) for n in lengths for d in depths for i in range(args.repeats) if (n, d, i) not in done]
-    if args.haystack:  # the file's sentences, tokenized once; each repeat starts at its own sentence
-        text = Path(args.haystack).read_text()
-        haystack = [e.ids for e in tok.encode_batch([" " + s for s in re.split(r"(?<=[.!?])\s+", text) if s],
-                                                      add_special_tokens=False)]
+    if args.haystack:  # the file's sentences; each repeat starts at a sentence of its own
+        book = [s for s in re.split(r"(?<=[.!?])\s+", Path(args.haystack).read_text()) if s]
     rank, world, device = distributed(args.device)
     all_gather(None, world)  # barrier: every rank has read the file before any rank appends to it
     todo = todo[rank::world]  # under torchrun: a disjoint share of what is not done yet
     model = load_model(args.model, device, rope_scale=args.rope_scale, verbose=rank == 0) if todo else None
+    if model:
+        model.check_length(max(n for n, _, _ in todo) + args.gen_length)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     for c, (n, d, i) in enumerate(todo):
         rng = random.Random(f"{args.seed}-{i}")  # per repeat: the same needle at every length and depth
         island, item = rng.choice(ISLANDS), rng.choice(ITEMS)
         needle = f"Hidden on {island} Island is the legendary {item}."
-        if args.haystack:
-            start = rng.randrange(len(haystack))
-            sentences = haystack[start:] + haystack[:start]
-        else:
-            sentences = (tok.encode(" " + s, add_special_tokens=False).ids for s in generated_sentences(rng))
+        start = rng.randrange(len(book)) if args.haystack else 0
+        text = book[start:] + book[:start] if args.haystack else islice(generated_sentences(rng), n // 4)
+        sentences = [e.ids for e in tok.encode_batch([" " + s for s in text], add_special_tokens=False)]
         ids = build_prompt(tok, sentences, n, d, island, needle)
-        if c == 0 or n != todo[c - 1][0]:
-            model.check_length(n + args.gen_length)
         out_ids = generate(model, torch.tensor([ids], device=model.device), None, args.steps, args.gen_length,
                            args.block_length)
         prediction = decode_answer(tok, model, out_ids[0, n:])
@@ -180,9 +177,9 @@ def main():
         fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         os.write(fd, (json.dumps(row) + "\n").encode())
         os.close(fd)
-        eta = (time.time() - t0) / (c + 1) * (len(todo) - c - 1)
-        print(f"\r[rank {rank}] " * (world > 1) + f"sample {c + 1}/{len(todo)}  {n} tokens, depth {d:g}%: {row['score']:.0f}  ETA {eta / 60:.1f} min  ",
-              end="", file=sys.stderr)
+        eta = (time.time() - t0) / (c + 1) * (len(todo) - c - 1) / 60
+        print(f"\r[rank {rank}] " * (world > 1) + f"sample {c + 1}/{len(todo)}  {n} tokens, depth {d}%: "
+              f"{row['score']:.0f}  ETA {eta:.1f} min  ", end="", file=sys.stderr)
     all_gather(None, world)  # every rank has finished; rank 0 draws the whole grid
     if rank == 0 and out.exists():
         overall = plot([json.loads(line) for line in out.read_text().splitlines()], out.with_suffix(".png"))
