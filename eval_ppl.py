@@ -112,24 +112,27 @@ def main():
         nll = next_token_nll(model, ids[:args.max_len]).cpu()
         run["chunks"] += [dict(length=(i + 1) * c, nll=nll[i * c - 1:(i + 1) * c - 1].mean().item()) for i in todo]
         todo = []
-    t0, work = time.time(), sum(todo)
-    for r in range(0, len(todo), world):  # under torchrun, rank k takes chunk r + k of each round
-        mine = todo[r:r + world][rank:rank + 1]
-        gen = [torch.Generator().manual_seed(args.seed * 1_000_003 + i) for i in mine]  # draws depend on the chunk only
-        nll = [chunk_nll(model, ids[:i * c], ids[i * c:(i + 1) * c], args.mc, batch=args.batch, generator=g)
-               for i, g in zip(mine, gen)]
-        run["chunks"] += [dict(length=(i + 1) * c, nll=v) for i, v in zip(todo[r:r + world], sum(all_gather(nll, world), []))]
+
+    def value(i):  # chunk i's masks depend on (seed, i) only: the same draws on any rank and in any rerun
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + i)
+        return chunk_nll(model, ids[:i * c], ids[i * c:(i + 1) * c], args.mc, batch=args.batch, generator=gen)
+
+    t0, work = time.time(), sum(todo)  # chunk i costs about i units
+    for r in range(0, len(todo), world):  # under torchrun, rank k takes chunk todo[r + k] of each round
+        now = todo[r:r + world]
+        values = sum(all_gather([value(i) for i in now[rank:rank + 1]], world), [])
+        run["chunks"] += [dict(length=(i + 1) * c, nll=v) for i, v in zip(now, values)]
         if rank == 0:  # after every round: an interrupted run resumes where it stopped
             save(run, out)
-            done = sum(todo[:r + world])
-            print(f"\rchunk {todo[min(r + world, len(todo)) - 1]}/{todo[-1]}  ppl {curve(run['chunks'])[1][-1]:.3f}  "
-                  f"{done * c * args.mc / (time.time() - t0):,.0f} tok/s  ETA {(time.time() - t0) / done * (work - done) / 60:.1f} min",
-                  end="", file=sys.stderr)
+            done, seconds = sum(todo[:r + world]), time.time() - t0
+            print(f"\rchunk {now[-1]}/{todo[-1]}  ppl {curve(run['chunks'])[1][-1]:.3f}  {done * c * args.mc / seconds:,.0f}"
+                  f" tok/s  ETA {seconds / done * (work - done) / 60:.1f} min", end="", file=sys.stderr)
     if rank == 0:
         save(run, out)
         plot([run], out.with_suffix(".png"))
         lengths, ppl = curve(run["chunks"])
         print(f"\nperplexity at {lengths[-1]} tokens: {ppl[-1]:.3f}; wrote {out} and {out.with_suffix('.png')}")
+
 
 if __name__ == "__main__":
     run_cli(main)

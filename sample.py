@@ -158,10 +158,9 @@ def distributed(device):
 
 def all_gather(obj, world):
     """Every rank's `obj`, in rank order; also a barrier. Without torchrun: [obj]."""
-    if world == 1:
-        return [obj]
-    objs = [None] * world
-    torch.distributed.all_gather_object(objs, obj)
+    objs = [obj] * world
+    if world > 1:
+        torch.distributed.all_gather_object(objs, obj)
     return objs
 
 
