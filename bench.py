@@ -69,7 +69,8 @@ def load_child(way, path, dtype):
             state.update({k.removeprefix("model."): v for k, v in load_file(f).items()})
         model.load_state_dict(state)
         del state
-    print(json.dumps(dict(seconds=time.time() - t0, peak_mb=rss_mb("VmHWM") - base, anon_mb=rss_mb("RssAnon") - base_anon)))
+    seconds = time.time() - t0
+    print(json.dumps(dict(seconds=seconds, peak_mb=rss_mb("VmHWM") - base, anon_mb=rss_mb("RssAnon") - base_anon)))
 
 
 def bench_load(args):
@@ -84,7 +85,8 @@ def bench_load(args):
                 out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
                 r = json.loads(out.stdout)
                 print(f"  {way:>5} to {dtype:<8}: peak RSS +{r['peak_mb']:6.0f} MiB = "
-                      f"{r['peak_mb'] / (size * n / 2**20):.2f} x the weights (anonymous +{r['anon_mb']:.0f} MiB after), {r['seconds']:.2f}s")
+                      f"{r['peak_mb'] / (size * n / 2**20):.2f} x the weights "
+                      f"(anonymous +{r['anon_mb']:.0f} MiB after), {r['seconds']:.2f}s")
 
 
 @torch.no_grad()
@@ -116,8 +118,9 @@ def bench_sample(args):
     print(f"tiny LLaDA with the real vocabulary ({config.embedding_size}), {prompt.shape[1]}-token prompt, "
           f"gen 32 / block 32 / steps 32, fp32 on CPU")
     outs = []
-    for name, fn in [("official (full logits)", lambda: official_generate(model, prompt, mask_id=config.mask_token_id, **kw)),
-                     ("this (block logits)", lambda: generate(model, prompt, **kw))]:
+    ways = [("official (full logits)", lambda: official_generate(model, prompt, mask_id=config.mask_token_id, **kw)),
+            ("this (block logits)", lambda: generate(model, prompt, **kw))]
+    for name, fn in ways:
         reset_peak_rss()
         base, t0 = rss_mb("VmRSS"), time.time()
         outs.append(fn())
@@ -161,7 +164,8 @@ def bench_ppl(args):
         results.append((time.time() - t0, values))
         print(f"  {name:<41}: {results[-1][0]:6.2f}s, peak RSS +{rss_mb('VmHWM') - base:6.0f} MiB")
     (t_off, v_off), (t_this, v_this) = results
-    print(f"  speed-up {t_off / t_this:.1f}x; largest difference of chunk values {max(abs(a - b) for a, b in zip(v_off, v_this)):.1e} nats")
+    diff = max(abs(a - b) for a, b in zip(v_off, v_this))
+    print(f"  speed-up {t_off / t_this:.1f}x; largest difference of chunk values {diff:.1e} nats")
 
 
 if __name__ == "__main__":

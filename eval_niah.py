@@ -35,8 +35,9 @@ TEMPLATES = ["{Who} {did} the {adj} {thing} near the {place}.", "By {when}, {who
              "When {when} came, the {thing} by the {place} was {adj} again."]
 PROMPT = ("You are an intelligent AI assistant skilled in answering user questions.\nPlease keep your answers concise "
           "and clear. Do not talk about irrelevant topics or repeat your answers.\nThe document given to you by the "
-          "user is ", "\n\nNow, the question is: What legendary item is hidden on {0} Island? Before answering, please "
-          "consider what in the document is most relevant to this question. The legendary item hidden on the {0} Island is")
+          "user is ",  # {context}, then:
+          "\n\nNow, the question is: What legendary item is hidden on {0} Island? Before answering, please consider "
+          "what in the document is most relevant to this question. The legendary item hidden on the {0} Island is")
 
 
 def generated_sentences(rng):
@@ -90,6 +91,8 @@ def plot(rows, out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    if not rows:
+        raise UserError(f"no results to plot for {out}")
     lengths, depths = sorted({r["length"] for r in rows}), sorted({r["depth"] for r in rows})
     cells = {}
     for r in rows:
@@ -105,7 +108,8 @@ def plot(rows, out):
            yticklabels=[f"{d:g}%" for d in depths], xlabel="prompt length (tokens)", ylabel="needle depth")
     fig.colorbar(im, ax=[top, ax], label="score")
     s = rows[0]["settings"]
-    top.set_title(f"{s['model']}, rope_scale {s['rope_scale']:g}, steps {s['steps']}: overall {grid.nanmean():.2f}")
+    top.set_title(f"{s['model']}, rope_scale {s['rope_scale']:g}, steps {s['steps']}, gen {s['gen_length']}, "
+                  f"{s['haystack']} haystack: overall {grid.nanmean():.2f}", fontsize=9)
     fig.savefig(out, dpi=120)
     return float(grid.nanmean())
 
@@ -163,7 +167,7 @@ def main():
         rng = random.Random(f"{args.seed}-{i}")  # per repeat: the same needle at every length and depth
         island, item = rng.choice(ISLANDS), rng.choice(ITEMS)
         needle = f"Hidden on {island} Island is the legendary {item}."
-        start = rng.randrange(len(book)) if args.haystack else 0
+        start = rng.randrange(max(len(book), 1)) if args.haystack else 0
         text = book[start:] + book[:start] if args.haystack else islice(generated_sentences(rng), n // 4)
         sentences = [e.ids for e in tok.encode_batch([" " + s for s in text], add_special_tokens=False)]
         ids = build_prompt(tok, sentences, n, d, island, needle)

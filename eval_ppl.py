@@ -65,7 +65,8 @@ def plot(runs, out):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run in runs:
-        ax.plot(*curve(run["chunks"]), label=f"{run['settings']['model']} (rope_scale {run['settings']['rope_scale']:g})")
+        s = run["settings"]
+        ax.plot(*curve(run["chunks"]), label=f"{s['model']} (rope_scale {s['rope_scale']:g})")
     for train_len in {run["train_len"] for run in runs}:
         ax.axvline(train_len, color="0.5", ls="--", lw=1)
         ax.text(train_len, ax.get_ylim()[1], f" trained {train_len}", va="top", fontsize=8, color="0.4")
@@ -93,10 +94,10 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.compare:
         return plot([json.loads(Path(f).read_text()) for f in args.compare], out.with_suffix(".png"))
-    if not args.model or not args.text or args.chunk < 1 or args.mc < 1 or args.batch < 1:
-        raise UserError("need --model and --text, and --chunk, --mc and --batch of at least 1")
+    if not args.model or not args.text or min(args.chunk, args.mc, args.batch) < 1 or args.max_len < 2 * args.chunk:
+        raise UserError("need --model and --text, --chunk, --mc and --batch of at least 1, --max-len of 2 chunks")
     ids = torch.tensor(load_tokenizer(args.model).encode(Path(args.text).read_text(), add_special_tokens=False).ids)
-    if len(ids) < max(args.max_len, 2 * args.chunk):
+    if len(ids) < args.max_len:
         raise UserError(f"{args.text} has {len(ids)} tokens; --max-len {args.max_len} needs at least that many")
     settings = dict(model=Path(args.model).name, text=Path(args.text).name, max_len=args.max_len,
                     chunk=args.chunk, mc=args.mc, rope_scale=args.rope_scale, seed=args.seed)
@@ -125,8 +126,9 @@ def main():
         if rank == 0:  # after every round: an interrupted run resumes where it stopped
             save(run, out)
             done, seconds = sum(todo[:r + world]), time.time() - t0
-            print(f"\rchunk {now[-1]}/{todo[-1]}  ppl {curve(run['chunks'])[1][-1]:.3f}  {done * c * args.mc / seconds:,.0f}"
-                  f" tok/s  ETA {seconds / done * (work - done) / 60:.1f} min", end="", file=sys.stderr)
+            print(f"\rchunk {now[-1]}/{todo[-1]}  ppl {curve(run['chunks'])[1][-1]:.3f}  "
+                  f"{done * c * args.mc / seconds:,.0f} tok/s  ETA {seconds / done * (work - done) / 60:.1f} min",
+                  end="", file=sys.stderr)
     if rank == 0:
         save(run, out)
         plot([run], out.with_suffix(".png"))

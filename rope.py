@@ -82,14 +82,14 @@ PRESETS = [  # name, head_dim, base, train_len, bidirectional
 
 
 def print_table(models, targets):
-    print(f"{'model':<10} {'d_extra':>7} {'T_extra':>8}   " + "  ".join(f"{t // 1024}k: lam -> T_extra" for t in targets))
+    """Per model: the critical dim, the bound at lambda = 1, and per target length: lambda (the bound it gives)."""
+    names = [f"{t / 1024:g}k" if t % 1024 == 0 else str(t) for t in targets]
+    print(f"{'model':<10} {'d_extra':>7} {'T_extra':>7}" + "".join(f"{'lambda ' + n:>15}" for n in names))
     for name, d, base, train_len, _ in models:
-        cells = []
-        for t in targets:
-            lam = ntk_scale_for(t, d, base, train_len)
-            cells.append(f"{lam:>3} -> {extrapolation_bound(d, base, train_len, lam):>6.0f}")
-        bound = extrapolation_bound(d, base, train_len)
-        print(f"{name:<10} {critical_dim(d, base, train_len):>7} {bound:>8.0f}   " + "  ".join(f"{c:>17}" for c in cells))
+        lams = [ntk_scale_for(t, d, base, train_len) for t in targets]
+        cells = [f"{lam} ({extrapolation_bound(d, base, train_len, lam):.0f})" for lam in lams]
+        print(f"{name:<10} {critical_dim(d, base, train_len):>7} {extrapolation_bound(d, base, train_len):>7.0f}"
+              + "".join(f"{c:>15}" for c in cells))
 
 
 def plot_rotations(models, span, out):
@@ -109,15 +109,10 @@ def plot_rotations(models, span, out):
             theta = base ** (-2 * j / d)
             ax.plot(m, torch.cos(m * theta), lw=0.6, label="cos")
             ax.plot(m, torch.sin(m * theta), lw=0.6, label="sin")
-            ax.axvspan(-span, lo, color="0.85")
-            ax.axvspan(hi, span, color="0.85")
-            ax.axvline(lo, color="k", ls="--", lw=0.8)
-            ax.axvline(hi, color="k", ls="--", lw=0.8)
-            period = 2 * math.pi / theta
-            ax.set_title(f"{name}, dim {2 * j} ({kind}), period {period:,.0f}", fontsize=9)
-            ax.set_xlim(-span, span)
-            ax.set_ylim(-1.15, 1.15)
-            ax.set_xlabel("relative position m - n")
+            for a, b in [(-span, lo), (hi, span)]:  # the relative positions training never showed
+                ax.axvspan(a, b, color="0.85")
+            ax.set_title(f"{name}, dim {2 * j} ({kind}), period {2 * math.pi / theta:,.0f}", fontsize=9)
+            ax.set(xlim=(-span, span), ylim=(-1.15, 1.15), xlabel="relative position m - n")
         row[0].legend(loc="lower left", fontsize=8)
         row[0].set_ylabel(f"trained [{lo}, {hi}]")
     fig.suptitle("RoPE angles seen in training (white) and not (grey): bidirectional vs causal (LongLLaDA Fig. 4)")

@@ -42,10 +42,11 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
     masked token of the current block and keeps the most confident ones. `on_step(x, step)` sees each step.
     A causal model (the LLaMA baseline) gets greedy decoding of gen_length tokens instead."""
     if model.config.causal:
-        return generate_ar(model, prompt, gen_length)
+        return generate_ar(model, prompt, gen_length, attention_mask)
     config, (B, P), num_blocks = model.config, prompt.shape, gen_length // max(block_length, 1)
     mask_id = config.mask_token_id if mask_id is None else mask_id
-    if num_blocks < 1 or gen_length % block_length or steps % num_blocks or not 0 < steps <= gen_length:
+    if min(block_length, num_blocks, steps) < 1 or gen_length % block_length or steps % num_blocks \
+            or steps > gen_length:
         raise UserError(f"need gen_length ({gen_length}) = k * block_length ({block_length}) and steps ({steps}) "
                         f"= n * {num_blocks} block(s), with 1 <= n <= {block_length}")
     if P == 0 or (prompt == mask_id).any() or remasking not in ('low_confidence', 'random'):
@@ -89,12 +90,13 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
 
 
 @torch.no_grad()
-def generate_ar(model, prompt, max_new_tokens=32):
+def generate_ar(model, prompt, max_new_tokens=32, attention_mask=None):
     """Greedy autoregressive decoding, no EOS stop, no KV cache: one full forward per new token, which costs
     what one diffusion step costs, so both families are timed alike."""
     x = prompt
     for _ in range(max_new_tokens):
-        x = torch.cat([x, model(x, logits_at=slice(-1, None)).argmax(-1)], 1)  # (B, T + 1)
+        x = torch.cat([x, model(x, attention_mask, logits_at=slice(-1, None)).argmax(-1)], 1)  # (B, T + 1)
+        attention_mask = None if attention_mask is None else F.pad(attention_mask, (0, 1), value=1)
     return x
 
 
@@ -134,7 +136,8 @@ def main():
     seconds = time.time() - t0
     print(decode_answer(tok, model, out[0, prompt.shape[1]:]))
     mem = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available() else ""
-    print(f"[{prompt.shape[1]} prompt tokens, {args.steps / seconds:.2f} steps/s, {seconds:.1f}s{mem}]", file=sys.stderr)
+    print(f"[{prompt.shape[1]} prompt tokens, {args.steps / seconds:.2f} steps/s, {seconds:.1f}s{mem}]",
+          file=sys.stderr)
 
 
 def decode_answer(tok, model, answer):
@@ -168,7 +171,8 @@ def load_tokenizer(folder):
     """The checkpoint's own tokenizer.json, read with `tokenizers` (checked before the weights are loaded)."""
     from tokenizers import Tokenizer
     if not (Path(folder) / "tokenizer.json").is_file():
-        raise UserError(f"no tokenizer.json in {folder}" if Path(folder).is_dir() else f"model folder not found: {folder}")
+        raise UserError(f"no tokenizer.json in {folder}" if Path(folder).is_dir() else
+                        f"model folder not found: {folder}")
     return Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
 
 

@@ -21,7 +21,8 @@ def run(cmd, *args):
 def killed_part_way(cmd, args, progress):
     """Start cmd, then SIGKILL it and its workers once progress() >= 2, as a crash of the node would.
     (torchrun starts each worker in a session of its own, so the workers are found by their command line.)"""
-    p = subprocess.Popen([*cmd, *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = open(Path(args[-1]).with_suffix(".log"), "w")  # read on failure
+    p = subprocess.Popen([*cmd, *map(str, args)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while progress() < 2 and p.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -33,6 +34,7 @@ def killed_part_way(cmd, args, progress):
         except OSError:  # gone already
             pass
     p.wait()
+    log.close()
     time.sleep(0.2)
     return progress()
 
@@ -59,7 +61,8 @@ def test_niah_under_torchrun_killed_and_resumed(ckpt_bytes, tmp_path):
     expected = niah_rows(single)
     assert len(expected) == 24
     lines = lambda: len(multi.read_text().splitlines()) if multi.exists() else 0  # noqa: E731
-    assert 0 < killed_part_way(TORCHRUN + ["eval_niah.py"], [*args, "--out", multi], lines) < 24
+    done = killed_part_way(TORCHRUN + ["eval_niah.py"], [*args, "--out", multi], lines)
+    assert 0 < done < 24, multi.with_suffix(".log").read_text()
     r = run(TORCHRUN + ["eval_niah.py"], *args, "--out", multi)
     assert r.returncode == 0, r.stderr
     assert niah_rows(multi) == expected  # every sample once, each identical to the single-process one
@@ -74,7 +77,8 @@ def test_ppl_under_torchrun_killed_and_resumed(ckpt_tok, tmp_path):
     assert run_script("eval_ppl.py", *args, "--out", single).returncode == 0
     expected = json.loads(single.read_text())["chunks"]
     chunks = lambda: len(json.loads(multi.read_text())["chunks"]) if multi.exists() else 0  # noqa: E731
-    assert 0 < killed_part_way(TORCHRUN + ["eval_ppl.py"], [*args, "--out", multi], chunks) < len(expected)
+    done = killed_part_way(TORCHRUN + ["eval_ppl.py"], [*args, "--out", multi], chunks)
+    assert 0 < done < len(expected), multi.with_suffix(".log").read_text()
     r = run(TORCHRUN + ["eval_ppl.py"], *args, "--out", multi)
     assert r.returncode == 0, r.stderr
     got = json.loads(multi.read_text())["chunks"]

@@ -91,13 +91,18 @@ def test_end_to_end_resume_and_plot(ckpt_bytes, tmp_path):
     out.with_suffix(".png").unlink()
     r = niah("--plot", out)
     assert r.returncode == 0 and out.with_suffix(".png").exists() and "overall" in r.stdout
+    (tmp_path / "empty.jsonl").write_text("")
+    assert niah("--plot", tmp_path / "empty.jsonl").stderr.startswith("error: no results to plot")
 
 
 def test_file_haystack(ckpt_bytes, tmp_path):
     hay = tmp_path / "book.txt"
-    hay.write_text("Short. Text.")
+    hay.write_text("")
     args = ["--model", ckpt_bytes, "--lengths", "700", "--depths", "50", "--repeats", 1, "--steps", 4,
             "--gen-length", 4, "--block-length", 4, "--device", "cpu", "--out", tmp_path / "h.jsonl"]
+    r = niah(*args, "--haystack", hay)
+    assert r.returncode == 2 and "the haystack has 0 tokens" in r.stderr
+    hay.write_text("Short. Text.")
     r = niah(*args, "--haystack", hay)
     assert r.returncode == 2 and "the haystack has 13 tokens" in r.stderr
     hay.write_text(" ".join(f"Sentence number {i} is here." for i in range(200)))

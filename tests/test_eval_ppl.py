@@ -80,7 +80,8 @@ def test_cli_end_to_end_resume_and_compare(ckpt_tok, text, tmp_path):
 
 
 @pytest.mark.parametrize("extra,msg", [(["--max-len", 1000], "has 400 tokens"), (["--chunk", 0], "at least 1"),
-                                       (["--mc", 0], "at least 1")])
+                                       (["--mc", 0], "at least 1"),
+                                       (["--max-len", 100, "--chunk", 64], "of 2 chunks")])
 def test_cli_bad_input(ckpt_tok, text, tmp_path, extra, msg):
     r = run_cli("--model", ckpt_tok, "--text", text, "--max-len", 256, "--out", tmp_path / "x.json", *extra)
     assert r.returncode == 2 and "Traceback" not in r.stderr and msg in r.stderr

@@ -44,6 +44,16 @@ def test_greedy_tokens_match(llama, exp):
     assert torch.equal(generate(llama, exp["greedy.prompt"], gen_length=10), exp["greedy.out"])
 
 
+def test_greedy_left_padded_batch_equals_single_runs(llama, exp):
+    prompt = exp["greedy.prompt"]
+    batch = torch.cat([prompt, torch.cat([torch.full((1, 4), 1), prompt[:, 4:]], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :4] = 0
+    out = generate(llama, batch, attention_mask=mask, gen_length=6)
+    assert torch.equal(out[0], exp["greedy.out"][0, :18])
+    assert torch.equal(out[1, 12:], generate(llama, prompt[:, 4:], gen_length=6)[0, 8:])
+
+
 def test_causal_mask_with_padding(llama, exp):
     ids = exp["logits.ids"][:1]
     padded = torch.cat([torch.tensor([[7, 8]]), ids], 1)

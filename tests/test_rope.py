@@ -65,7 +65,7 @@ def test_cli_prints_table_and_writes_png(tmp_path):
     r = subprocess.run([sys.executable, "rope.py", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "LLaDA-8B" in r.stdout and "LLaMA3-8B" in r.stdout
-    assert "55 ->  32949" in r.stdout and "13 ->  33419" in r.stdout
+    assert "55 (32949)" in r.stdout and "13 (33419)" in r.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -84,6 +84,8 @@ def test_left_padded_batch_equals_single_runs(tiny):
                                     (dict(gen_length=16, block_length=8, steps=3), "= n \\* 2 block"),
                                     (dict(gen_length=8, block_length=16), "= k \\* block_length"),
                                     (dict(gen_length=8, block_length=8, steps=16), "1 <= n <= 8"),
+                                    (dict(gen_length=8, block_length=0), "= k \\* block_length"),
+                                    (dict(steps=0), "1 <= n <= 8"),
                                     (dict(remasking="top"), "remasking")])
 def test_bad_settings_are_refused(tiny, expected, kw, msg):
     with pytest.raises(UserError, match=msg):
