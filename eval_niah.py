@@ -86,13 +86,15 @@ def score(prediction, keyword, needle):
     return 0.2 * 100 * (1 - levenshtein(pred, needle) / max(len(pred), len(needle), 1))
 
 
-def plot(rows, out):
-    """Heatmap: depth down, length across, colour = mean score over repeats; above it the mean per length."""
+def plot(results):
+    """Heatmap of a results file: depth down, length across, colour = mean over repeats; above it the mean
+    over depths per length. Written beside the file as PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
     if not rows:
-        raise UserError(f"no results to plot for {out}")
+        raise UserError(f"no results to plot in {results}")
     lengths, depths = sorted({r["length"] for r in rows}), sorted({r["depth"] for r in rows})
     cells = {}
     for r in rows:
@@ -110,8 +112,8 @@ def plot(rows, out):
     s = rows[0]["settings"]
     top.set_title(f"{s['model']}, rope_scale {s['rope_scale']:g}, steps {s['steps']}, gen {s['gen_length']}, "
                   f"{s['haystack']} haystack: overall {grid.nanmean():.2f}", fontsize=9)
-    fig.savefig(out, dpi=120)
-    return float(grid.nanmean())
+    fig.savefig(results.with_suffix(".png"), dpi=120)
+    print(f"overall {grid.nanmean():.2f}; wrote {results.with_suffix('.png')}")
 
 
 def main():
@@ -131,9 +133,7 @@ def main():
     p.add_argument("--plot", metavar="JSONL", help="only redraw the heatmap of a results file")
     args = p.parse_args()
     if args.plot:
-        overall = plot([json.loads(line) for line in Path(args.plot).read_text().splitlines()],
-                       Path(args.plot).with_suffix(".png"))
-        return print(f"overall {overall:.2f}; wrote {Path(args.plot).with_suffix('.png')}")
+        return plot(Path(args.plot))
     try:
         lengths, depths = parse_lengths(args.lengths), [int(d) for d in re.split("[:,]", args.depths)]
         if ":" in args.depths:  # start:stop:step, stop included
@@ -186,8 +186,8 @@ def main():
               f"{row['score']:.0f}  ETA {eta:.1f} min  ", end="", file=sys.stderr)
     all_gather(None, world)  # every rank has finished; rank 0 draws the whole grid
     if rank == 0 and out.exists():
-        overall = plot([json.loads(line) for line in out.read_text().splitlines()], out.with_suffix(".png"))
-        print(f"\noverall {overall:.2f}; wrote {out} and {out.with_suffix('.png')}")
+        print(file=sys.stderr)
+        plot(out)
 
 
 if __name__ == "__main__":
