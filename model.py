@@ -81,7 +81,7 @@ def llama_config(cfg):
 def config_from_json(cfg):
     if cfg.get("model_type") == "llama":
         return llama_config(cfg)
-    refuse_unsupported(cfg, REQUIRED)
+    refuse_unsupported(cfg, REQUIRED | dict(model_type="llada"))
     known = {f.name for f in fields(LLaDAConfig)}
     config = LLaDAConfig(**{k: v for k, v in cfg.items() if k in known and v is not None})
     if cfg.get("mlp_hidden_size") is None:  # OLMo's fallback: mlp_ratio * d_model

@@ -109,7 +109,8 @@ def test_wrong_shape_is_named(ckpt_copy):
 
 
 @pytest.mark.parametrize("key,value", [("weight_tying", True), ("block_type", "sequential"), ("alibi", True),
-                                       ("include_bias", True), ("attention_layer_norm", True)])
+                                       ("include_bias", True), ("attention_layer_norm", True),
+                                       ("model_type", "qwen2")])
 def test_unsupported_config_is_refused(ckpt_copy, key, value):
     edit_json(ckpt_copy / "config.json", **{key: value})
     with pytest.raises(UserError, match=f"{key}={value!r} is not implemented"):
