@@ -193,7 +193,8 @@ class LLaDA(nn.Module):
             pad = 1.0 - attention_mask.to(x.dtype)[:, None, None, :]  # (B, 1, 1, T): keys only
             bias = pad * torch.finfo(x.dtype).min
             if self.config.causal:  # minimum, not sum: two finfo.min would overflow to -inf (NaN rows)
-                bias = bias.minimum(torch.full((T, T), torch.finfo(x.dtype).min, device=x.device).triu(1))
+                causal = torch.full((T, T), torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device).triu(1)
+                bias = bias.minimum(causal)  # (B, 1, T, T)
         for block in tr.blocks:
             x = block(x, cos, sin, bias)
         return x
