@@ -152,7 +152,7 @@ def bench_ppl(args):
     model = LLaDA(config).eval()
     ids = torch.randint(0, 126000, (2048 + 4 * 64,))
     chunks = [(ids[:2048 + 64 * i], ids[2048 + 64 * i:2048 + 64 * (i + 1)]) for i in range(4)]
-    print(f"tiny LLaDA with the real vocabulary, 4 chunks of 64 at a ~2k prefix, 8 samples each, fp32 on CPU")
+    print("tiny LLaDA with the real vocabulary, 4 chunks of 64 at a ~2k prefix, 8 samples each, fp32 on CPU")
     ways = [("official (1 sample/forward, full logits)",
              lambda p, a, g: official_chunk_nll(model, p, a, 8, config.mask_token_id, g)),
             ("this (batched, masked rows only)", lambda p, a, g: chunk_nll(model, p, a, 8, generator=g))]

@@ -1,7 +1,6 @@
 """Perplexity against context length for a diffusion LM (LongLLaDA Fig. 1a; protocol in REFERENCE.md section 3)."""
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
