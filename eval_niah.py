@@ -69,6 +69,18 @@ def build_prompt(tok, sentences, length, depth, island, needle):
     return head + sum(pieces[:k], []) + needle + sum(pieces[k:], []) + tail
 
 
+def sample_prompt(tok, book, seed, length, depth, repeat):
+    """One sample's prompt ids, keyword and needle. The draws depend on (seed, repeat) only: the same needle
+    and haystack at every length and depth, on any rank. `book`: a file's sentences, or None (generated)."""
+    rng = random.Random(f"{seed}-{repeat}")
+    island, item = rng.choice(ISLANDS), rng.choice(ITEMS)
+    needle = f"Hidden on {island} Island is the legendary {item}."
+    start = rng.randrange(max(len(book), 1)) if book is not None else 0  # each repeat from its own sentence
+    text = book[start:] + book[:start] if book is not None else islice(generated_sentences(rng), length // 4)
+    sentences = [e.ids for e in tok.encode_batch([" " + s for s in text], add_special_tokens=False)]
+    return build_prompt(tok, sentences, length, depth, island, needle), item, needle
+
+
 def levenshtein(a, b):
     row = list(range(len(b) + 1))
     for i, ca in enumerate(a, 1):
@@ -153,8 +165,9 @@ def main():
         raise UserError(f"{out} holds results with other settings; choose another --out")
     done = {(r["length"], r["depth"], r["repeat"]) for r in rows}
     todo = [(n, d, i) for n in lengths for d in depths for i in range(args.repeats) if (n, d, i) not in done]
-    if args.haystack:  # the file's sentences; each repeat starts at a sentence of its own
-        book = [s for s in re.split(r"(?<=[.!?])\s+", Path(args.haystack).read_text()) if s]
+    book = [s for s in re.split(r"(?<=[.!?])\s+", Path(args.haystack).read_text()) if s] if args.haystack else None
+    for n in {min(lengths), max(lengths)}:  # a too short length or haystack fails now, not after loading
+        sample_prompt(tok, book, args.seed, n, 50, 0)
     rank, world, device = distributed(args.device)
     all_gather(None, world)  # barrier: every rank has read the file before any rank appends to it
     todo = todo[rank::world]  # under torchrun: a disjoint share of what is not done yet
@@ -164,13 +177,7 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     for c, (n, d, i) in enumerate(todo):
-        rng = random.Random(f"{args.seed}-{i}")  # per repeat: the same needle at every length and depth
-        island, item = rng.choice(ISLANDS), rng.choice(ITEMS)
-        needle = f"Hidden on {island} Island is the legendary {item}."
-        start = rng.randrange(max(len(book), 1)) if args.haystack else 0
-        text = book[start:] + book[:start] if args.haystack else islice(generated_sentences(rng), n // 4)
-        sentences = [e.ids for e in tok.encode_batch([" " + s for s in text], add_special_tokens=False)]
-        ids = build_prompt(tok, sentences, n, d, island, needle)
+        ids, item, needle = sample_prompt(tok, book, args.seed, n, d, i)
         out_ids = generate(model, torch.tensor([ids], device=model.device), None, args.steps, args.gen_length,
                            args.block_length)
         prediction = decode_answer(tok, model, out_ids[0, n:])

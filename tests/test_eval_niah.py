@@ -104,7 +104,7 @@ def test_file_haystack(ckpt_bytes, tmp_path):
     assert r.returncode == 2 and "the haystack has 0 tokens" in r.stderr
     hay.write_text("Short. Text.")
     r = niah(*args, "--haystack", hay)
-    assert r.returncode == 2 and "the haystack has 13 tokens" in r.stderr
+    assert r.returncode == 2 and "the haystack has 13 tokens" in r.stderr and "loaded" not in r.stderr
     hay.write_text(" ".join(f"Sentence number {i} is here." for i in range(200)))
     assert niah(*args, "--haystack", hay).returncode == 0
 
@@ -116,3 +116,4 @@ def test_file_haystack(ckpt_bytes, tmp_path):
 def test_bad_input(ckpt_bytes, tmp_path, extra, msg):
     r = niah("--model", ckpt_bytes, "--device", "cpu", "--out", tmp_path / "x.jsonl", *extra)
     assert r.returncode == 2 and "Traceback" not in r.stderr and msg in r.stderr
+    assert "loaded" not in r.stderr  # refused before the weights are loaded
