@@ -34,6 +34,16 @@ def get_num_transfer_tokens(mask_index, steps):
     return num_transfer_tokens
 
 
+def check_schedule(gen_length, block_length, steps):
+    """The number of blocks, after checking that blocks tile the answer and steps split evenly over them."""
+    num_blocks = gen_length // max(block_length, 1)
+    if min(block_length, num_blocks, steps) < 1 or gen_length % block_length or steps % num_blocks \
+            or steps > gen_length:
+        raise UserError(f"need gen_length ({gen_length}) = k * block_length ({block_length}) and steps ({steps}) "
+                        f"= n * {num_blocks} block(s), with 1 <= n <= {block_length}")
+    return num_blocks
+
+
 @torch.no_grad()
 def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, block_length=128, temperature=0.,
              cfg_scale=0., remasking='low_confidence', mask_id=None, logits_eos_inf=False,
@@ -43,12 +53,8 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
     A causal model (the LLaMA baseline) gets greedy decoding of gen_length tokens instead."""
     if model.config.causal:
         return generate_ar(model, prompt, gen_length, attention_mask)
-    config, (B, P), num_blocks = model.config, prompt.shape, gen_length // max(block_length, 1)
+    config, (B, P), num_blocks = model.config, prompt.shape, check_schedule(gen_length, block_length, steps)
     mask_id = config.mask_token_id if mask_id is None else mask_id
-    if min(block_length, num_blocks, steps) < 1 or gen_length % block_length or steps % num_blocks \
-            or steps > gen_length:
-        raise UserError(f"need gen_length ({gen_length}) = k * block_length ({block_length}) and steps ({steps}) "
-                        f"= n * {num_blocks} block(s), with 1 <= n <= {block_length}")
     if P == 0 or (prompt == mask_id).any() or remasking not in ('low_confidence', 'random'):
         raise UserError("the prompt is empty or contains the mask token, or remasking is not low_confidence/random")
     steps = steps // num_blocks
@@ -116,6 +122,7 @@ def main():
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--show", action="store_true", help="redraw the answer after every step")
     args = p.parse_args()
+    check_schedule(args.gen_length, args.block_length, args.steps)  # before minutes of loading weights
     tok = load_tokenizer(args.model)
     text = Path(args.prompt[1:]).read_text() if args.prompt.startswith("@") else args.prompt
     if args.chat:  # plain prompts get no BOS (add_bos_token is false)

@@ -135,6 +135,7 @@ def test_cli_chat_and_prompt_file(ckpt_tok, tmp_path):
 def test_cli_errors_are_one_line(ckpt_tok, args, msg):
     r = cli("--model", ckpt_tok, "--prompt", "w5 w6", "--device", "cpu", *args)
     assert r.returncode == 2 and "Traceback" not in r.stderr and msg in r.stderr.strip().splitlines()[-1]
+    assert ("loaded" in r.stderr) == (msg in ("empty", "mask token"))  # settings are checked before loading
 
 
 def test_cli_missing_tokenizer_and_model(ckpt_copy, tmp_path):
