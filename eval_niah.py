@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from model import UserError, load_model, run_cli
+from model import UserError, load_model, read_config, run_cli
 from rope import parse_lengths
 from sample import all_gather, check_schedule, decode_answer, distributed, generate, load_tokenizer
 
@@ -154,7 +154,8 @@ def main():
         raise UserError(f"bad --lengths {args.lengths!r} or --depths {args.depths!r}") from None
     if not args.model or not all(0 <= d <= 100 for d in depths) or args.repeats < 1:
         raise UserError("need --model, depths within 0 to 100, and --repeats of at least 1")
-    check_schedule(args.gen_length, args.block_length, args.steps)
+    if not read_config(args.model).causal:
+        check_schedule(args.gen_length, args.block_length, args.steps)
     tok = load_tokenizer(args.model)
     name = Path(args.model).name
     out = Path(args.out or f"results/{name}_rope{args.rope_scale:g}_steps{args.steps}.jsonl")

@@ -78,7 +78,12 @@ def llama_config(cfg):
                        mask_token_id=None, eos_token_id=eos[0], eot_token_id=eos[-1], pad_token_id=None, causal=True)
 
 
-def config_from_json(cfg):
+def read_config(path):
+    """The checkpoint folder's config.json as an LLaDAConfig (LLaDA's format, or a HF LLaMA one)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"no config.json in {path}" if path.is_dir() else f"model folder not found: {path}")
+    cfg = json.loads((path / "config.json").read_text())
     if cfg.get("model_type") == "llama":
         return llama_config(cfg)
     refuse_unsupported(cfg, REQUIRED | dict(model_type="llada"))
@@ -247,9 +252,7 @@ def load_model(path, device=None, dtype=None, rope_scale=1.0, verbose=False):
     path = Path(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if not (path / "config.json").is_file():
-        raise UserError(f"no config.json in {path}" if path.is_dir() else f"model folder not found: {path}")
-    config = config_from_json(json.loads((path / "config.json").read_text()))
+    config = read_config(path)
     with torch.device("meta"):
         model = LLaDA(config, rope_scale)
     expected = {name: p.shape for name, p in model.state_dict().items()}

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model import UserError, load_model, run_cli
+from model import UserError, load_model, read_config, run_cli
 
 
 CHAT_TEMPLATE = ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"  # LLaDA-Instruct
@@ -122,7 +122,8 @@ def main():
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--show", action="store_true", help="redraw the answer after every step")
     args = p.parse_args()
-    check_schedule(args.gen_length, args.block_length, args.steps)  # before minutes of loading weights
+    if not read_config(args.model).causal:  # checked before minutes of loading weights
+        check_schedule(args.gen_length, args.block_length, args.steps)
     tok = load_tokenizer(args.model)
     text = Path(args.prompt[1:]).read_text() if args.prompt.startswith("@") else args.prompt
     if args.chat:  # plain prompts get no BOS (add_bos_token is false)
