@@ -242,7 +242,7 @@ def shard_files(path):
 
 
 def load_model(path, device=None, dtype=None, rope_scale=1.0, verbose=False):
-    """Load a LLaDA checkpoint folder (config.json + safetensors shards) straight onto `device`.
+    """Load a checkpoint folder (config.json + safetensors shards; LLaDA or HF LLaMA) straight onto `device`.
 
     The model is built on the meta device (no memory, no random init of 8B parameters), each tensor is
     read from its shard directly onto the target device and assigned as the parameter itself
@@ -260,6 +260,8 @@ def load_model(path, device=None, dtype=None, rope_scale=1.0, verbose=False):
     for file in shard_files(path):
         with safe_open(file, framework="pt", device=str(device)) as f:
             for key in f.keys():
+                if key.endswith("rotary_emb.inv_freq"):  # a buffer older HF LLaMA files carry; RoPE is computed
+                    continue
                 name = module_name(key, config.causal)
                 if name not in expected:
                     raise UserError(f"unexpected tensor {key} in {file.name}")

@@ -84,6 +84,14 @@ def test_unsupported_llama_configs_are_refused(llama_copy, changes, msg):
         load_model(llama_copy)
 
 
+def test_saved_rotary_buffers_are_skipped(llama_copy, exp):
+    from safetensors.torch import save_file
+    shard = llama_copy / "model-00001-of-00003.safetensors"
+    tensors = load_file(shard) | {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}
+    save_file(tensors, shard)
+    torch.testing.assert_close(load_model(llama_copy)(exp["logits.ids"]), exp["logits.fp32"], atol=1e-5, rtol=0)
+
+
 def test_llada_checkpoint_unaffected(tiny):
     assert not tiny.config.causal and tiny.config.mask_token_id == 380
 
