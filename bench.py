@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import torch.nn.functional as F
 
-from model import LLaDA, LLaDAConfig, load_model
+from model import LLaDA, LLaDAConfig, load_model, read_config
 from eval_ppl import chunk_nll
 from sample import generate, get_num_transfer_tokens
 
@@ -61,9 +61,7 @@ def load_child(way, path, dtype):
     if way == "this":
         model = load_model(path, device="cpu", dtype=dtype)
     else:  # the naive way: random init of a full model, then a full state dict, then copy into it
-        config = LLaDAConfig(**{k: v for k, v in json.loads((Path(path) / "config.json").read_text()).items()
-                                if k in LLaDAConfig.__dataclass_fields__})
-        model = LLaDA(config).to(dtype)
+        model = LLaDA(read_config(path)).to(dtype)
         state = {}
         for f in sorted(Path(path).glob("model-*.safetensors")):
             state.update({k.removeprefix("model."): v for k, v in load_file(f).items()})

@@ -87,7 +87,7 @@ def read_config(path):
     if cfg.get("model_type") == "llama":
         return llama_config(cfg)
     refuse_unsupported(cfg, REQUIRED | dict(model_type="llada"))
-    known = {f.name for f in fields(LLaDAConfig)}
+    known = {f.name for f in fields(LLaDAConfig)} - {"causal"}  # a LLaDA config is bidirectional
     config = LLaDAConfig(**{k: v for k, v in cfg.items() if k in known and v is not None})
     if cfg.get("mlp_hidden_size") is None:  # OLMo's fallback: mlp_ratio * d_model
         config.mlp_hidden_size = cfg.get("mlp_ratio", 4) * config.d_model
