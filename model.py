@@ -165,13 +165,12 @@ class LLaDA(nn.Module):
 
     def check_length(self, length):
         """Longer contexts than the scaling law's bound (rope.py) are allowed, but warned about: some RoPE
-        angles there were never seen in training. Returns the bound."""
+        angles there were never seen in training."""
         c, scale = self.config, self.rope_base / self.config.rope_theta
         bound = extrapolation_bound(c.head_dim, c.rope_theta, c.max_sequence_length, scale)
         if length > bound:
             print(f"warning: {length} tokens exceed the extrapolation bound {bound:.0f} of rope_scale {scale:g}; "
                   "see `python rope.py`", file=sys.stderr)
-        return bound
 
     def forward(self, ids, attention_mask=None, logits_at=None):
         """ids (B, T) -> logits (B, T, V); or only at `logits_at`: a slice or 1-D index tensor over T gives
@@ -236,8 +235,9 @@ def shard_files(path):
     index = path / "model.safetensors.index.json"
     names = dict.fromkeys(json.loads(index.read_text())["weight_map"].values()) if index.exists() else []
     files = [path / name for name in names or ["model.safetensors"]]
-    for f in (f for f in files if not f.exists()):
-        raise UserError(f"missing weights file: {f}")
+    missing = [f for f in files if not f.exists()]
+    if missing:
+        raise UserError(f"missing weights file: {missing[0]}")
     return files
 
 
