@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import torch.nn.functional as F
 
 from model import LLaDA, LLaDAConfig, load_model, read_config
-from eval_ppl import chunk_nll
+from eval_ppl import chunk_nll, draw_masks
 from sample import generate, get_num_transfer_tokens
 
 
@@ -132,11 +132,8 @@ def bench_sample(args):
 @torch.no_grad()
 def official_chunk_nll(model, prefix, answer, mc_num, mask_id, generator):
     """The official estimator's way: one sample per forward, full logits. Same draws as eval_ppl.chunk_nll."""
-    P, L = len(prefix), len(answer)
-    k = torch.randint(1, L + 1, (mc_num, 1), generator=generator)
-    masked = torch.rand(mc_num, L, generator=generator).argsort(1) < k
-    total = 0.0
-    for m in masked:
+    P, total = len(prefix), 0.0
+    for m in draw_masks(mc_num, len(answer), generator):
         x = torch.cat([prefix, answer])[None].clone()
         x[0, P:][m] = mask_id
         logits = model(x)[0, P:]  # (L, V) of the full (P + L, V)

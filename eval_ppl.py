@@ -12,6 +12,12 @@ from model import UserError, load_model, run_cli
 from sample import all_gather, distributed, load_tokenizer
 
 
+def draw_masks(mc_num, L, generator=None):
+    """(mc_num, L) bool: per sample, k ~ U{1..L} positions chosen uniformly (the ranks of random keys below k)."""
+    k = torch.randint(1, L + 1, (mc_num, 1), generator=generator)
+    return torch.rand(mc_num, L, generator=generator).argsort(1) < k
+
+
 @torch.no_grad()
 def chunk_nll(model, prefix, answer, mc_num=8, mask_id=None, batch=None, generator=None):
     """Per-token negative conditional ELBO of `answer` given the clean `prefix`, in nats (LLaDA Eq. 6).
@@ -21,8 +27,7 @@ def chunk_nll(model, prefix, answer, mc_num=8, mask_id=None, batch=None, generat
     through the model together (`batch` rows at most) and the LM head runs on the masked positions only."""
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
     P, L, dev = len(prefix), len(answer), model.device
-    k = torch.randint(1, L + 1, (mc_num, 1), generator=generator)
-    masked = torch.rand(mc_num, L, generator=generator).argsort(1) < k  # (mc, L): k random positions per row
+    masked = draw_masks(mc_num, L, generator)  # (mc, L)
     seq, answer = torch.cat([prefix, answer]).to(dev), answer.to(dev)
     total = 0.0
     for m in masked.to(dev).split(batch or mc_num):
