@@ -14,12 +14,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-import torch.nn.functional as F
-
-from model import LLaDA, LLaDAConfig, load_model, read_config
 from eval_ppl import chunk_nll, draw_masks
+from model import LLaDA, LLaDAConfig, load_model, read_config
 from sample import generate, get_num_transfer_tokens
 
 
@@ -32,6 +31,22 @@ def rss_mb(field):
 
 def reset_peak_rss():
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
+def measure(name, fn):
+    """fn() with its wall time and the peak RSS it added, printed on one line; returns (result, seconds)."""
+    reset_peak_rss()
+    base, t0 = rss_mb("VmRSS"), time.time()
+    result = fn()
+    seconds = time.time() - t0
+    print(f"  {name:<41}: {seconds:6.2f}s, peak RSS +{rss_mb('VmHWM') - base:6.0f} MiB")
+    return result, seconds
+
+
+def tiny_model_with_real_vocab():
+    """2 layers of width 128 but LLaDA's 126464-token vocabulary: the LM head is what the comparisons are about."""
+    torch.manual_seed(0)
+    return LLaDA(LLaDAConfig(d_model=128, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=256)).eval()
 
 
 def write_checkpoint(path, config, n_shards=3):
@@ -108,22 +123,16 @@ def official_generate(model, prompt, steps, gen_length, block_length, mask_id):
 
 
 def bench_sample(args):
-    torch.manual_seed(0)
-    config = LLaDAConfig(d_model=128, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=256)  # real vocab
-    model = LLaDA(config).eval()
+    model = tiny_model_with_real_vocab()
+    config = model.config
     prompt = torch.randint(0, 126000, (1, 2048))
     kw = dict(steps=32, gen_length=32, block_length=32)
     print(f"tiny LLaDA with the real vocabulary ({config.embedding_size}), {prompt.shape[1]}-token prompt, "
           f"gen 32 / block 32 / steps 32, fp32 on CPU")
-    outs = []
-    ways = [("official (full logits)", lambda: official_generate(model, prompt, mask_id=config.mask_token_id, **kw)),
-            ("this (block logits)", lambda: generate(model, prompt, **kw))]
-    for name, fn in ways:
-        reset_peak_rss()
-        base, t0 = rss_mb("VmRSS"), time.time()
-        outs.append(fn())
-        print(f"  {name:<23}: {time.time() - t0:6.2f}s, peak RSS +{rss_mb('VmHWM') - base:6.0f} MiB")
-    print(f"  same tokens: {torch.equal(*outs)}")
+    official, _ = measure("official (full logits)",
+                          lambda: official_generate(model, prompt, mask_id=config.mask_token_id, **kw))
+    this, _ = measure("this (block logits)", lambda: generate(model, prompt, **kw))
+    print(f"  same tokens: {torch.equal(official, this)}")
     T, V = 24576 + 32, config.embedding_size
     print(f"LLaDA-8B at 24k context: full logits {T * V * 2 / 2**30:.1f} GiB in bf16 per forward (plus the same "
           f"again for the softmax), block logits {32 * V * 2 / 2**20:.0f} MiB")
@@ -142,23 +151,18 @@ def official_chunk_nll(model, prefix, answer, mc_num, mask_id, generator):
 
 
 def bench_ppl(args):
-    torch.manual_seed(0)
-    config = LLaDAConfig(d_model=128, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=256)  # real vocab
-    model = LLaDA(config).eval()
+    model = tiny_model_with_real_vocab()
     ids = torch.randint(0, 126000, (2048 + 4 * 64,))
     chunks = [(ids[:2048 + 64 * i], ids[2048 + 64 * i:2048 + 64 * (i + 1)]) for i in range(4)]
     print("tiny LLaDA with the real vocabulary, 4 chunks of 64 at a ~2k prefix, 8 samples each, fp32 on CPU")
-    ways = [("official (1 sample/forward, full logits)",
-             lambda p, a, g: official_chunk_nll(model, p, a, 8, config.mask_token_id, g)),
-            ("this (batched, masked rows only)", lambda p, a, g: chunk_nll(model, p, a, 8, generator=g))]
-    results = []
-    for name, fn in ways:
-        reset_peak_rss()
-        base, t0 = rss_mb("VmRSS"), time.time()
-        values = [fn(p, a, torch.Generator().manual_seed(i)) for i, (p, a) in enumerate(chunks)]
-        results.append((time.time() - t0, values))
-        print(f"  {name:<41}: {results[-1][0]:6.2f}s, peak RSS +{rss_mb('VmHWM') - base:6.0f} MiB")
-    (t_off, v_off), (t_this, v_this) = results
+    def each_chunk(nll):  # the same seed per chunk for both ways, so the same masks
+        return lambda: [nll(p, a, torch.Generator().manual_seed(i)) for i, (p, a) in enumerate(chunks)]
+
+    mask_id = model.config.mask_token_id
+    v_off, t_off = measure("official (1 sample/forward, full logits)",
+                           each_chunk(lambda p, a, g: official_chunk_nll(model, p, a, 8, mask_id, g)))
+    v_this, t_this = measure("this (batched, masked rows only)",
+                             each_chunk(lambda p, a, g: chunk_nll(model, p, a, 8, generator=g)))
     diff = max(abs(a - b) for a, b in zip(v_off, v_this))
     print(f"  speed-up {t_off / t_this:.1f}x; largest difference of chunk values {diff:.1e} nats")
 
