@@ -98,13 +98,18 @@ def score(prediction, keyword, needle):
     return 0.2 * 100 * (1 - levenshtein(pred, needle) / max(len(pred), len(needle), 1))
 
 
+def read_rows(results):
+    """The finished samples of a results file (one JSON object per line); none if there is no file yet."""
+    return [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+
+
 def plot(results):
     """Heatmap of a results file: depth down, length across, colour = mean over repeats; above it the mean
     over depths per length. Written beside the file as PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    rows = read_rows(results)
     if not rows:
         raise UserError(f"no results to plot in {results}")
     lengths, depths = sorted({r["length"] for r in rows}), sorted({r["depth"] for r in rows})
@@ -162,7 +167,7 @@ def main():
     settings = dict(model=name, rope_scale=args.rope_scale, steps=args.steps, gen_length=args.gen_length,
                     block_length=args.block_length, haystack=Path(args.haystack).name if args.haystack else
                     "generated", seed=args.seed)
-    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    rows = read_rows(out)
     if any(r["settings"] != settings for r in rows):  # never mix runs with different settings
         raise UserError(f"{out} holds results with other settings; choose another --out")
     done = {(r["length"], r["depth"], r["repeat"]) for r in rows}
