@@ -281,12 +281,19 @@ def load_model(path, device=None, dtype=None, rope_scale=1.0, verbose=False):
 
 
 def run_cli(main):
-    """Run a script's main(): a UserError or Ctrl-C is one line on stderr (exit code 2 / 130), no traceback."""
+    """Run a script's main(): a UserError or Ctrl-C is one line on stderr (exit code 2 / 130), no traceback.
+    Under torchrun the ranks of a finished run leave together: one rank closing its process group while
+    another still works (rank 0 drawing the plot) has been seen to abort gloo at exit."""
     try:
         main()
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
     except (UserError, OSError) as e:  # OSError: a missing or unreadable file named by the user
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

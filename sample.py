@@ -1,6 +1,5 @@
 """LLaDA diffusion sampling (LLaDA's `generate.py`, same names and signature) and a CLI that shows it."""
 import argparse
-import atexit
 import os
 import sys
 import time
@@ -156,14 +155,13 @@ def decode_answer(tok, model, answer):
 
 def distributed(device):
     """Under torchrun: join the process group; return (rank, world size, this rank's device). With plain
-    python: (0, 1, device), and nothing of torch.distributed is initialised."""
+    python: (0, 1, device), and nothing of torch.distributed is initialised. run_cli closes the group."""
     if "LOCAL_RANK" not in os.environ:
         return 0, 1, device
     cuda, local = torch.cuda.is_available() and device in (None, "cuda"), int(os.environ["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local)
     torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    atexit.register(torch.distributed.destroy_process_group)  # else gloo may abort at interpreter exit
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), f"cuda:{local}" if cuda else device
 
 
