@@ -1,85 +1,18 @@
 """Needle-in-a-haystack grid with heatmaps (LongLLaDA Fig. 2, 3 and 6; protocol in REFERENCE.md section 5)."""
 import argparse
-import json
-import os
-import random
 import re
 import sys
 import time
-from itertools import islice
 from pathlib import Path
 
 import torch
 
-from model import UserError, load_model, read_config, run_cli
+from cli import all_gather, append_line, decode_answer, distributed, load_tokenizer, read_lines, run_cli
+from model import UserError, load_model, read_config
+from plots import niah_heatmap
 from rope import parse_lengths
-from sample import all_gather, check_schedule, decode_answer, distributed, generate, load_tokenizer
-
-ISLANDS = ("Marrow Kestrel Tamsin Orlaith Brevik Solvang Quillon Harrowgate Ebbridge Corvane Lindqvist Maravel "
-           "Ostrava Rennick Sablewick Thornmere Vantor Wexley Ysolde Pellmoor").split()
-ITEMS = [f"{a} {b}" for a in "Amber Bronze Crystal Ebony Golden Ivory Jade Obsidian Silver Sapphire".split()
-         for b in "Compass Crown Chalice Dagger Harp Lantern Mirror Scroll Shield Spear Telescope Key".split()]
-# The default haystack is generated prose with real sentence boundaries. RULER's "noise" haystack repeats five
-# fixed sentences, which makes any new sentence, such as the needle, stand out far too easily.
-WORDS = dict(who="the old ferryman|a quiet archivist|the village council|my grandmother|a travelling merchant|two "
-                 "fishermen|the schoolteacher|a tired soldier|the baker's daughter|the harbour master",
-             did="carried|mended|painted|counted|buried|sold|studied|polished|traded|followed|measured|described",
-             adj="weathered|narrow|crooked|silent|golden|borrowed|forgotten|heavy|fragile|ordinary|distant|painted",
-             thing="lantern|ledger|bridge|orchard|wagon|letter|well|window|map|garden|bell|staircase|boat|fence",
-             place="harbour|market square|mill|chapel|valley|library|northern road|inn|lighthouse|granary",
-             when="the first frost|midsummer|the long rains|dawn|the harvest fair|the spring tide|late autumn")
-TEMPLATES = ["{Who} {did} the {adj} {thing} near the {place}.", "By {when}, {who} had {did} every {thing} there.",
-             "Nobody at the {place} could say why the {thing} had become so {adj}.",
-             "It was said that the {adj} {thing} was only ever seen around {when}.",
-             "The {place} was {adj} that year, and {who} {did} the {thing} without a word.",
-             "When {when} came, the {thing} by the {place} was {adj} again."]
-PROMPT = ("You are an intelligent AI assistant skilled in answering user questions.\nPlease keep your answers concise "
-          "and clear. Do not talk about irrelevant topics or repeat your answers.\nThe document given to you by the "
-          "user is ",  # {context}, then:
-          "\n\nNow, the question is: What legendary item is hidden on {0} Island? Before answering, please consider "
-          "what in the document is most relevant to this question. The legendary item hidden on the {0} Island is")
-
-
-def generated_sentences(rng):
-    """An endless stream of sentences drawn from the word lists and templates above."""
-    words = {k: v.split("|") for k, v in WORDS.items()}
-    while True:
-        pick = {k: rng.choice(v) for k, v in words.items()}
-        yield rng.choice(TEMPLATES).format(Who=pick["who"].capitalize(), **pick)
-
-
-def build_prompt(tok, sentences, length, depth, island, needle):
-    """Exactly `length` token ids: scaffold + haystack, with the needle on its own line at the sentence
-    boundary nearest `depth`% of the haystack. `sentences`: token ids, one sentence each."""
-    head, tail, needle = (tok.encode(t, add_special_tokens=False).ids
-                          for t in (PROMPT[0], PROMPT[1].format(island), f"\n{needle}\n"))
-    budget = length - len(head) - len(tail) - len(needle)
-    if budget < 1:
-        raise UserError(f"length {length} cannot hold the prompt scaffold and needle ({length - budget + 1} at least)")
-    pieces, n = [], 0
-    for ids in sentences:
-        if n >= budget:
-            break
-        pieces.append(ids[:budget - n])  # the last sentence is cut to fit exactly
-        n += len(pieces[-1])
-    if n < budget:
-        raise UserError(f"the haystack has {n} tokens; length {length} needs {budget}")
-    bounds = torch.tensor([0] + [len(p) for p in pieces]).cumsum(0)
-    k = int((bounds - depth / 100 * n).abs().argmin())
-    return head + sum(pieces[:k], []) + needle + sum(pieces[k:], []) + tail
-
-
-def sample_prompt(tok, book, seed, length, depth, repeat):
-    """One sample's prompt ids, keyword and needle. The draws depend on (seed, repeat) only: the same needle
-    and haystack at every length and depth, on any rank. `book`: a file's sentences, or None (generated)."""
-    rng = random.Random(f"{seed}-{repeat}")
-    island, item = rng.choice(ISLANDS), rng.choice(ITEMS)
-    needle = f"Hidden on {island} Island is the legendary {item}."
-    start = rng.randrange(max(len(book), 1)) if book is not None else 0  # each repeat from its own sentence
-    text = book[start:] + book[:start] if book is not None else islice(generated_sentences(rng), length // 4)
-    sentences = [e.ids for e in tok.encode_batch([" " + s for s in text], add_special_tokens=False)]
-    return build_prompt(tok, sentences, length, depth, island, needle), item, needle
-
+from haystack import read_book, sample_prompt
+from sample import check_schedule, generate
 
 def levenshtein(a, b):
     row = list(range(len(b) + 1))
@@ -98,18 +31,9 @@ def score(prediction, keyword, needle):
     return 0.2 * 100 * (1 - levenshtein(pred, needle) / max(len(pred), len(needle), 1))
 
 
-def read_rows(results):
-    """The finished samples of a results file (one JSON object per line); none if there is no file yet."""
-    return [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-
-
 def plot(results):
-    """Heatmap of a results file: depth down, length across, colour = mean over repeats; above it the mean
-    over depths per length. Written beside the file as PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = read_rows(results)
+    """The heatmap of a results file, written beside it as PNG: each cell is the mean over repeats."""
+    rows = read_lines(results)
     if not rows:
         raise UserError(f"no results to plot in {results}")
     lengths, depths = sorted({r["length"] for r in rows}), sorted({r["depth"] for r in rows})
@@ -117,19 +41,11 @@ def plot(results):
     for r in rows:
         cells.setdefault((r["depth"], r["length"]), []).append(r["score"])
     grid = torch.tensor([[sum(cells[d, n]) / len(cells[d, n]) if (d, n) in cells else torch.nan for n in lengths]
-                         for d in depths])  # (depths, lengths): the mean over repeats
-    fig, (top, ax) = plt.subplots(2, 1, sharex=True, height_ratios=[1, 3], figsize=(1.2 * len(lengths) + 3, 7))
-    im = ax.imshow(grid.numpy(), cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
-    top.plot(range(len(lengths)), grid.nanmean(0).numpy(), "k.-")
-    top.set(ylim=(-5, 105), ylabel="mean over depths")
-    names = [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths]
-    ax.set(xticks=range(len(lengths)), xticklabels=names, yticks=range(len(depths)),
-           yticklabels=[f"{d:g}%" for d in depths], xlabel="prompt length (tokens)", ylabel="needle depth")
-    fig.colorbar(im, ax=[top, ax], label="score")
+                         for d in depths])  # (depths, lengths)
     s = rows[0]["settings"]
-    top.set_title(f"{s['model']}, rope_scale {s['rope_scale']:g}, steps {s['steps']}, gen {s['gen_length']}, "
-                  f"{s['haystack']} haystack: overall {grid.nanmean():.2f}", fontsize=9)
-    fig.savefig(results.with_suffix(".png"), dpi=120)
+    title = (f"{s['model']}, rope_scale {s['rope_scale']:g}, steps {s['steps']}, gen {s['gen_length']}, "
+             f"{s['haystack']} haystack: overall {grid.nanmean():.2f}")
+    niah_heatmap(grid, lengths, depths, title, results.with_suffix(".png"))
     print(f"overall {grid.nanmean():.2f}; wrote {results.with_suffix('.png')}")
 
 
@@ -167,12 +83,12 @@ def main():
     settings = dict(model=name, rope_scale=args.rope_scale, steps=args.steps, gen_length=args.gen_length,
                     block_length=args.block_length, haystack=Path(args.haystack).name if args.haystack else
                     "generated", seed=args.seed)
-    rows = read_rows(out)
+    rows = read_lines(out)
     if any(r["settings"] != settings for r in rows):  # never mix runs with different settings
         raise UserError(f"{out} holds results with other settings; choose another --out")
     done = {(r["length"], r["depth"], r["repeat"]) for r in rows}
     todo = [(n, d, i) for n in lengths for d in depths for i in range(args.repeats) if (n, d, i) not in done]
-    book = [s for s in re.split(r"(?<=[.!?])\s+", Path(args.haystack).read_text()) if s] if args.haystack else None
+    book = read_book(args.haystack)
     for n in {min(lengths), max(lengths)}:  # a too short length or haystack fails now, not after loading
         sample_prompt(tok, book, args.seed, n, 50, 0)
     rank, world, device = distributed(args.device)
@@ -190,11 +106,7 @@ def main():
         prediction = decode_answer(tok, model, out_ids[0, n:])
         row = dict(settings=settings, length=n, depth=d, repeat=i, prediction=prediction,
                    score=score(prediction, item, needle))
-        # One whole line per finished sample, in one O_APPEND write: an interruption loses at most the sample
-        # in flight, and lines of several ranks never interleave within a line.
-        fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-        os.write(fd, (json.dumps(row) + "\n").encode())
-        os.close(fd)
+        append_line(row, out)  # each sample is kept as soon as it is done
         eta = (time.time() - t0) / (c + 1) * (len(todo) - c - 1) / 60
         print(f"\r[rank {rank}] " * (world > 1) + f"sample {c + 1}/{len(todo)}  {n} tokens, depth {d}%: "
               f"{row['score']:.0f}  ETA {eta:.1f} min  ", end="", file=sys.stderr)

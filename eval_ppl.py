@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model import UserError, load_model, run_cli
-from sample import all_gather, distributed, load_tokenizer
+from cli import all_gather, distributed, load_tokenizer, run_cli, save_json
+from model import UserError, load_model
+from plots import ppl_curves
 
 
 def draw_masks(mc_num, L, generator=None):
@@ -57,27 +58,9 @@ def curve(chunks):
     return [c["length"] for c in chunks], ppl.tolist()
 
 
-def save(run, out):
-    """Write-then-rename, so that a kill never leaves half a JSON file behind."""
-    out.with_suffix(".tmp").write_text(json.dumps(run))
-    out.with_suffix(".tmp").replace(out)
-
-
 def plot(runs, out):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for run in runs:
-        s = run["settings"]
-        ax.plot(*curve(run["chunks"]), label=f"{s['model']} (rope_scale {s['rope_scale']:g})")
-    for train_len in {run["train_len"] for run in runs}:
-        ax.axvline(train_len, color="0.5", ls="--", lw=1)
-        ax.text(train_len, ax.get_ylim()[1], f" trained {train_len}", va="top", fontsize=8, color="0.4")
-    ax.set(xlabel="context length (tokens)", ylabel="perplexity (cumulative)", title="Perplexity vs context length")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    ppl_curves([(f"{r['settings']['model']} (rope_scale {r['settings']['rope_scale']:g})", *curve(r["chunks"]))
+                for r in runs], [r["train_len"] for r in runs], out)
 
 
 def main():
@@ -128,13 +111,13 @@ def main():
         values = sum(all_gather([value(i) for i in now[rank:rank + 1]], world), [])
         run["chunks"] += [dict(length=(i + 1) * c, nll=v) for i, v in zip(now, values)]
         if rank == 0:  # after every round: an interrupted run resumes where it stopped
-            save(run, out)
+            save_json(run, out)
             done, seconds = sum(todo[:r + world]), time.time() - t0
             print(f"\rchunk {now[-1]}/{todo[-1]}  ppl {curve(run['chunks'])[1][-1]:.3f}  "
                   f"{done * c * args.mc / seconds:,.0f} tok/s  ETA {seconds / done * (work - done) / 60:.1f} min",
                   end="", file=sys.stderr)
     if rank == 0:
-        save(run, out)
+        save_json(run, out)
         plot([run], out.with_suffix(".png"))
         lengths, ppl = curve(run["chunks"])
         print(f"\nperplexity at {lengths[-1]} tokens: {ppl[-1]:.3f}; wrote {out} and {out.with_suffix('.png')}")

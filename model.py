@@ -5,7 +5,6 @@ the official `modeling_llada.py` op for op. Module names are the checkpoint's te
 loading is one strict `load_state_dict`. Hugging Face LLaMA checkpoints (the causal baseline) load too.
 """
 import json
-import re
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -206,28 +205,22 @@ class LLaDA(nn.Module):
 
 # ----------------------------------------------------------------------------- loading
 
-# Hugging Face LLaMA tensor names -> this file's modules ({i}: layer). LLaDA's names only lose "model.".
-HF_LLAMA_NAMES = {
-    "model.embed_tokens.weight": "transformer.wte.weight", "model.norm.weight": "transformer.ln_f.weight",
-    "lm_head.weight": "transformer.ff_out.weight",
-    "model.layers.{i}.input_layernorm.weight": "transformer.blocks.{i}.attn_norm.weight",
-    "model.layers.{i}.self_attn.q_proj.weight": "transformer.blocks.{i}.q_proj.weight",
-    "model.layers.{i}.self_attn.k_proj.weight": "transformer.blocks.{i}.k_proj.weight",
-    "model.layers.{i}.self_attn.v_proj.weight": "transformer.blocks.{i}.v_proj.weight",
-    "model.layers.{i}.self_attn.o_proj.weight": "transformer.blocks.{i}.attn_out.weight",
-    "model.layers.{i}.post_attention_layernorm.weight": "transformer.blocks.{i}.ff_norm.weight",
-    "model.layers.{i}.mlp.gate_proj.weight": "transformer.blocks.{i}.ff_proj.weight",
-    "model.layers.{i}.mlp.up_proj.weight": "transformer.blocks.{i}.up_proj.weight",
-    "model.layers.{i}.mlp.down_proj.weight": "transformer.blocks.{i}.ff_out.weight",
-}
+# Hugging Face LLaMA tensor names -> this file's module names, replaced in this order (LLaDA's names only
+# lose "model."): model.layers.3.self_attn.o_proj.weight -> transformer.blocks.3.attn_out.weight.
+HF_LLAMA_RENAMES = [("model.embed_tokens", "transformer.wte"), ("model.norm", "transformer.ln_f"),
+                    ("lm_head", "transformer.ff_out"), ("model.layers", "transformer.blocks"),
+                    ("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ff_norm"),
+                    ("self_attn.o_proj", "attn_out"), ("self_attn.", ""), ("mlp.gate_proj", "ff_proj"),
+                    ("mlp.up_proj", "up_proj"), ("mlp.down_proj", "ff_out")]
 
 
 def module_name(key, causal):
-    """Checkpoint tensor name -> module name (an unknown name comes back as it is, to be reported)."""
+    """Checkpoint tensor name -> module name (an unknown name stays unknown, to be reported)."""
     if not causal:
         return key.removeprefix("model.")
-    layer = re.search(r"\.(\d+)\.", key)
-    return HF_LLAMA_NAMES.get(re.sub(r"\.\d+\.", ".{i}.", key, count=1), key).format(i=layer and layer[1])
+    for old, new in HF_LLAMA_RENAMES:
+        key = key.replace(old, new)
+    return key
 
 
 def shard_files(path):
@@ -278,22 +271,3 @@ def load_model(path, device=None, dtype=None, rope_scale=1.0, verbose=False):
         n = sum(p.numel() for p in model.parameters())
         print(f"loaded {n / 1e6:,.0f}M parameters ({dtype}) to {device} in {time.time() - t0:.1f}s", file=sys.stderr)
     return model
-
-
-def run_cli(main):
-    """Run a script's main(): a UserError or Ctrl-C is one line on stderr (exit code 2 / 130), no traceback.
-    Under torchrun the ranks of a finished run leave together: one rank closing its process group while
-    another still works (rank 0 drawing the plot) has been seen to abort gloo at exit."""
-    try:
-        main()
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-    except (UserError, OSError) as e:  # OSError: a missing or unreadable file named by the user
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()

@@ -92,34 +92,6 @@ def print_table(models, targets):
               + "".join(f"{c:>15}" for c in cells))
 
 
-def plot_rotations(models, span, out):
-    """Fig. 4 of LongLLaDA: cos/sin of m * theta_j against relative position m for a high-, a mid- and a
-    low-frequency dim. Bidirectional training covers [-(T-1), T-1]; causal training only [0, T-1]."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(models), 3, figsize=(15, 3.2 * len(models)), squeeze=False)
-    m = torch.arange(-span, span + 1, dtype=torch.float64)
-    for row, (name, d, base, train_len, bidir) in zip(axes, models):
-        d_extra = critical_dim(d, base, train_len)
-        lo, hi = (-(train_len - 1), train_len - 1) if bidir else (0, train_len - 1)
-        dims = [("high", d_extra // 4), ("mid: first beyond d_extra", d_extra // 2), ("low", (d_extra + d) // 4)]
-        for ax, (kind, j) in zip(row, dims):
-            theta = base ** (-2 * j / d)
-            ax.plot(m, torch.cos(m * theta), lw=0.6, label="cos")
-            ax.plot(m, torch.sin(m * theta), lw=0.6, label="sin")
-            for a, b in [(-span, lo), (hi, span)]:  # the relative positions training never showed
-                ax.axvspan(a, b, color="0.85")
-            ax.set_title(f"{name}, dim {2 * j} ({kind}), period {2 * math.pi / theta:,.0f}", fontsize=9)
-            ax.set(xlim=(-span, span), ylim=(-1.15, 1.15), xlabel="relative position m - n")
-        row[0].legend(loc="lower left", fontsize=8)
-        row[0].set_ylabel(f"trained [{lo}, {hi}]")
-    fig.suptitle("RoPE angles seen in training (white) and not (grey): bidirectional vs causal (LongLLaDA Fig. 4)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-
-
 def main():
     p = argparse.ArgumentParser(description="RoPE scaling-law table and the LongLLaDA Fig. 4 picture.")
     p.add_argument("--head-dim", type=int, help="head dimension of a custom model (default: the presets)")
@@ -142,7 +114,8 @@ def main():
         models = [("custom", d, base, train_len, not args.causal)]
     print_table(models, targets)
     span = max(max(targets) // 2, 2 * max(train_len for _, _, _, train_len, _ in models))
-    plot_rotations(models, span, args.out)
+    from plots import rope_rotations  # plots.py imports this file
+    rope_rotations(models, span, args.out)
     print(f"wrote {args.out}")
 
 

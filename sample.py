@@ -1,6 +1,5 @@
 """LLaDA diffusion sampling (LLaDA's `generate.py`, same names and signature) and a CLI that shows it."""
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -8,7 +7,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model import UserError, load_model, read_config, run_cli
+from cli import decode_answer, load_tokenizer, run_cli
+from model import UserError, load_model, read_config
 
 
 CHAT_TEMPLATE = ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"  # LLaDA-Instruct
@@ -50,8 +50,11 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
     """Returns prompt + answer (B, T + gen_length). The answer starts all [MASK]; each step predicts every
     masked token of the current block and keeps the most confident ones. `on_step(x, step)` sees each step.
     A causal model (the LLaMA baseline) gets greedy decoding of gen_length tokens instead."""
-    if model.config.causal:
-        return generate_ar(model, prompt, gen_length, attention_mask)
+    if model.config.causal:  # greedy, no KV cache: each token costs one full forward, as a diffusion step does
+        for _ in range(gen_length):
+            prompt = torch.cat([prompt, model(prompt, attention_mask, logits_at=slice(-1, None)).argmax(-1)], 1)
+            attention_mask = None if attention_mask is None else F.pad(attention_mask, (0, 1), value=1)
+        return prompt
     config, (B, P), num_blocks = model.config, prompt.shape, check_schedule(gen_length, block_length, steps)
     mask_id = config.mask_token_id if mask_id is None else mask_id
     if P == 0 or (prompt == mask_id).any() or remasking not in ('low_confidence', 'random'):
@@ -91,17 +94,6 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
                 x[j, block][select_index] = x0[j, select_index]
             if on_step is not None:
                 on_step(x, num_block * steps + i + 1)
-    return x
-
-
-@torch.no_grad()
-def generate_ar(model, prompt, max_new_tokens=32, attention_mask=None):
-    """Greedy autoregressive decoding, no EOS stop, no KV cache: one full forward per new token, which costs
-    what one diffusion step costs, so both families are timed alike."""
-    x = prompt
-    for _ in range(max_new_tokens):
-        x = torch.cat([x, model(x, attention_mask, logits_at=slice(-1, None)).argmax(-1)], 1)  # (B, T + 1)
-        attention_mask = None if attention_mask is None else F.pad(attention_mask, (0, 1), value=1)
     return x
 
 
@@ -145,41 +137,6 @@ def main():
     mem = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available() else ""
     print(f"[{prompt.shape[1]} prompt tokens, {args.steps / seconds:.2f} steps/s, {seconds:.1f}s{mem}]",
           file=sys.stderr)
-
-
-def decode_answer(tok, model, answer):
-    """Text of the answer ids up to the first EOS / end-of-turn, special tokens dropped."""
-    answer, stops = answer.tolist(), (model.config.eos_token_id, model.config.eot_token_id)
-    return tok.decode(answer[:min([answer.index(t) for t in stops if t in answer], default=len(answer))])
-
-
-def distributed(device):
-    """Under torchrun: join the process group; return (rank, world size, this rank's device). With plain
-    python: (0, 1, device), and nothing of torch.distributed is initialised. run_cli closes the group."""
-    if "LOCAL_RANK" not in os.environ:
-        return 0, 1, device
-    cuda, local = torch.cuda.is_available() and device in (None, "cuda"), int(os.environ["LOCAL_RANK"])
-    if cuda:
-        torch.cuda.set_device(local)
-    torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), f"cuda:{local}" if cuda else device
-
-
-def all_gather(obj, world):
-    """Every rank's `obj`, in rank order; also a barrier. Without torchrun: [obj]."""
-    objs = [obj] * world
-    if world > 1:
-        torch.distributed.all_gather_object(objs, obj)
-    return objs
-
-
-def load_tokenizer(folder):
-    """The checkpoint's own tokenizer.json, read with `tokenizers` (checked before the weights are loaded)."""
-    from tokenizers import Tokenizer
-    if not (Path(folder) / "tokenizer.json").is_file():
-        raise UserError(f"no tokenizer.json in {folder}" if Path(folder).is_dir() else
-                        f"model folder not found: {folder}")
-    return Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def run_script(script, *args):
     import importlib
     import io
     import types
-    from model import run_cli
+    from cli import run_cli
     module = importlib.import_module(script.removesuffix(".py"))
     out, err, argv, code = io.StringIO(), io.StringIO(), sys.argv, 0
     sys.argv = [script, *map(str, args)]

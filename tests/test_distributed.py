@@ -41,7 +41,7 @@ def killed_part_way(cmd, args, progress):
 
 def test_plain_python_initialises_nothing(monkeypatch):
     import torch
-    from sample import distributed
+    from cli import distributed
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert distributed("cpu") == (0, 1, "cpu") and not torch.distributed.is_initialized()
 

@@ -6,7 +6,8 @@ import pytest
 from tokenizers import Tokenizer
 
 from conftest import run_script, write_byte_tokenizer
-from eval_niah import PROMPT, build_prompt, generated_sentences, score
+from eval_niah import score
+from haystack import PROMPT, build_prompt, generated_sentences
 from model import UserError
 
 NEEDLE = "Hidden on Marrow Island is the legendary Jade Crown."

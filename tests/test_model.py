@@ -129,7 +129,8 @@ def test_missing_folder_and_files(tmp_path, ckpt_copy):
 
 
 def test_script_shows_one_line_not_a_traceback(tmp_path):
-    code = "from model import load_model, run_cli; run_cli(lambda: load_model(%r))" % str(tmp_path / "nope")
+    code = "from cli import run_cli; from model import load_model; run_cli(lambda: load_model(%r))"
+    code %= str(tmp_path / "nope")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip() == f"error: model folder not found: {tmp_path / 'nope'}"
 

@@ -1,0 +1,67 @@
+"""The figures: RoPE angles (LongLLaDA Fig. 4), perplexity curves (Fig. 1a) and needle heatmaps (Fig. 2, 3, 6).
+matplotlib is imported only when a figure is drawn, and draws to files only (no screen needed)."""
+import math
+
+import torch
+
+from rope import critical_dim
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def rope_rotations(models, span, out):
+    """Fig. 4: cos/sin of m * theta_j against relative position m for a high-, a mid- and a low-frequency
+    dim. Bidirectional training covers [-(T-1), T-1]; causal training only [0, T-1]."""
+    fig, axes = pyplot().subplots(len(models), 3, figsize=(15, 3.2 * len(models)), squeeze=False)
+    m = torch.arange(-span, span + 1, dtype=torch.float64)
+    for row, (name, d, base, train_len, bidir) in zip(axes, models):
+        d_extra = critical_dim(d, base, train_len)
+        lo, hi = (-(train_len - 1), train_len - 1) if bidir else (0, train_len - 1)
+        dims = [("high", d_extra // 4), ("mid: first beyond d_extra", d_extra // 2), ("low", (d_extra + d) // 4)]
+        for ax, (kind, j) in zip(row, dims):
+            theta = base ** (-2 * j / d)
+            ax.plot(m, torch.cos(m * theta), lw=0.6, label="cos")
+            ax.plot(m, torch.sin(m * theta), lw=0.6, label="sin")
+            for a, b in [(-span, lo), (hi, span)]:  # the relative positions training never showed
+                ax.axvspan(a, b, color="0.85")
+            ax.set_title(f"{name}, dim {2 * j} ({kind}), period {2 * math.pi / theta:,.0f}", fontsize=9)
+            ax.set(xlim=(-span, span), ylim=(-1.15, 1.15), xlabel="relative position m - n")
+        row[0].legend(loc="lower left", fontsize=8)
+        row[0].set_ylabel(f"trained [{lo}, {hi}]")
+    fig.suptitle("RoPE angles seen in training (white) and not (grey): bidirectional vs causal (LongLLaDA Fig. 4)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def ppl_curves(curves, train_lens, out):
+    """Fig. 1a: perplexity against context length, one line per (label, lengths, ppl), trained lengths dashed."""
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
+    for label, lengths, ppl in curves:
+        ax.plot(lengths, ppl, label=label)
+    for train_len in set(train_lens):
+        ax.axvline(train_len, color="0.5", ls="--", lw=1)
+        ax.text(train_len, ax.get_ylim()[1], f" trained {train_len}", va="top", fontsize=8, color="0.4")
+    ax.set(xlabel="context length (tokens)", ylabel="perplexity (cumulative)", title="Perplexity vs context length")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def niah_heatmap(grid, lengths, depths, title, out):
+    """Fig. 2: scores (depths, lengths) with depth down and length across, colours 0 to 100; above it the
+    mean over depths per length as a line."""
+    fig, (top, ax) = pyplot().subplots(2, 1, sharex=True, height_ratios=[1, 3], figsize=(1.2 * len(lengths) + 3, 7))
+    im = ax.imshow(grid.numpy(), cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+    top.plot(range(len(lengths)), grid.nanmean(0).numpy(), "k.-")
+    top.set(ylim=(-5, 105), ylabel="mean over depths")
+    top.set_title(title, fontsize=9)
+    names = [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths]
+    ax.set(xticks=range(len(lengths)), xticklabels=names, yticks=range(len(depths)),
+           yticklabels=[f"{d:g}%" for d in depths], xlabel="prompt length (tokens)", ylabel="needle depth")
+    fig.colorbar(im, ax=[top, ax], label="score")
+    fig.savefig(out, dpi=120)
