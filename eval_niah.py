@@ -8,13 +8,15 @@ from pathlib import Path
 import torch
 
 from cli import all_gather, append_line, decode_answer, distributed, load_tokenizer, read_lines, run_cli
+from haystack import read_book, sample_prompt
 from model import UserError, load_model, read_config
 from plots import niah_heatmap
 from rope import parse_lengths
-from haystack import read_book, sample_prompt
 from sample import check_schedule, generate
 
+
 def levenshtein(a, b):
+    """Edit distance: the fewest insertions, deletions and substitutions that turn a into b."""
     row = list(range(len(b) + 1))
     for i, ca in enumerate(a, 1):
         prev, row[0] = row[0], i
