@@ -29,6 +29,20 @@ def run_cli(main):
             torch.distributed.destroy_process_group()
 
 
+def model_flags(p, required=False):
+    """The flags of every script that loads a model."""
+    p.add_argument("--model", required=required, help="checkpoint folder (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--rope-scale", type=float, default=1.0, help="static NTK factor lambda (python rope.py prints it)")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+
+
+def schedule_flags(p, gen_length, steps, block_length):
+    """The flags of sample.generate's schedule, with a script's defaults."""
+    p.add_argument("--gen-length", type=int, default=gen_length, help="answer length in tokens")
+    p.add_argument("--steps", type=int, default=steps, help="denoising steps in total")
+    p.add_argument("--block-length", type=int, default=block_length, help="semi-autoregressive block length")
+
+
 def load_tokenizer(folder):
     """The checkpoint's own tokenizer.json, read with `tokenizers` (checked before the weights are loaded)."""
     from tokenizers import Tokenizer

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from cli import all_gather, append_line, decode_answer, distributed, load_tokenizer, read_lines, run_cli
+from cli import (all_gather, append_line, decode_answer, distributed, load_tokenizer, model_flags, read_lines,
+                 run_cli, schedule_flags)
 from haystack import read_book, sample_prompt
 from model import UserError, load_model, read_config
 from plots import niah_heatmap
@@ -53,17 +54,13 @@ def plot(results):
 
 def main():
     p = argparse.ArgumentParser(description="Needle-in-a-haystack grid (LongLLaDA Fig. 2, 3, 6).")
-    p.add_argument("--model", help="checkpoint folder (config.json, safetensors, tokenizer.json)")
+    model_flags(p)
+    schedule_flags(p, gen_length=32, steps=32, block_length=32)
     p.add_argument("--lengths", default="2k,4k,8k,16k,24k,32k", help="prompt lengths in tokens (k = 1024)")
     p.add_argument("--depths", default="0:100:10", help="needle depths in %%: start:stop:step or a list")
     p.add_argument("--repeats", type=int, default=10, help="needle and haystack draws per cell")
-    p.add_argument("--steps", type=int, default=32, help="denoising steps")
-    p.add_argument("--gen-length", type=int, default=32, help="answer length in tokens")
-    p.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block length")
-    p.add_argument("--rope-scale", type=float, default=1.0, help="static NTK factor lambda (python rope.py)")
     p.add_argument("--haystack", help="a long text file to use as haystack (default: generated prose)")
     p.add_argument("--seed", type=int, default=0, help="seed of needles and haystacks")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--out", help="results JSONL (default results/<model>_rope<scale>_steps<n>.jsonl)")
     p.add_argument("--plot", metavar="JSONL", help="only redraw the heatmap of a results file")
     args = p.parse_args()

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cli import all_gather, distributed, load_tokenizer, run_cli, save_json
+from cli import all_gather, distributed, load_tokenizer, model_flags, run_cli, save_json
 from model import UserError, load_model
 from plots import ppl_curves
 
@@ -65,15 +65,13 @@ def plot(runs, out):
 
 def main():
     p = argparse.ArgumentParser(description="Perplexity against context length (LongLLaDA Fig. 1a).")
-    p.add_argument("--model", help="checkpoint folder (config.json, safetensors, tokenizer.json)")
+    model_flags(p)
     p.add_argument("--text", help="a long text file, tokenized with the model's tokenizer")
     p.add_argument("--max-len", type=int, default=16384, help="longest context in tokens (the curve's end)")
     p.add_argument("--chunk", type=int, default=64, help="answer chunk length in tokens")
     p.add_argument("--mc", type=int, default=8, help="Monte-Carlo samples per chunk")
-    p.add_argument("--rope-scale", type=float, default=1.0, help="static NTK factor lambda (python rope.py)")
     p.add_argument("--seed", type=int, default=0, help="seed; each chunk draws its masks from (seed, chunk)")
     p.add_argument("--batch", type=int, default=8, help="most sequences per forward (lower it to save memory)")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--out", default="results/ppl.json", help="JSON to write (and resume); the PNG goes beside it")
     p.add_argument("--compare", nargs="+", metavar="JSON", help="only overlay these runs in one figure (--out PNG)")
     args = p.parse_args()

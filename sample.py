@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cli import decode_answer, load_tokenizer, run_cli
+from cli import decode_answer, load_tokenizer, model_flags, run_cli, schedule_flags
 from model import UserError, load_model, read_config
 
 
@@ -99,18 +99,14 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
 
 def main():
     p = argparse.ArgumentParser(description="Generate with LLaDA by iterative unmasking.")
-    p.add_argument("--model", required=True, help="checkpoint folder (config.json, safetensors, tokenizer.json)")
+    model_flags(p, required=True)
+    schedule_flags(p, gen_length=128, steps=128, block_length=32)
     p.add_argument("--prompt", required=True, help="the prompt, or @file.txt to read it from a file")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the Instruct chat template")
-    p.add_argument("--gen-length", type=int, default=128, help="answer length in tokens")
-    p.add_argument("--steps", type=int, default=128, help="denoising steps in total")
-    p.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block length")
     p.add_argument("--temperature", type=float, default=0., help="0 = greedy; > 0 samples (Gumbel-max)")
     p.add_argument("--cfg", type=float, default=0., help="classifier-free guidance scale (0 = off)")
     p.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"], help="reveal order")
-    p.add_argument("--rope-scale", type=float, default=1.0, help="static NTK factor lambda (rope.py prints it)")
     p.add_argument("--seed", type=int, default=0, help="random seed for temperature / random remasking")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--show", action="store_true", help="redraw the answer after every step")
     args = p.parse_args()
     if not read_config(args.model).causal:  # checked before minutes of loading weights
