@@ -114,7 +114,7 @@ def main():
         models = [("custom", d, base, train_len, not args.causal)]
     print_table(models, targets)
     span = max(max(targets) // 2, 2 * max(train_len for _, _, _, train_len, _ in models))
-    from plots import rope_rotations  # plots.py imports this file
+    from plots import rope_rotations  # imported here: plots.py imports rope.py at its top
     rope_rotations(models, span, args.out)
     print(f"wrote {args.out}")
 
