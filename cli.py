@@ -1,13 +1,17 @@
-"""What the scripts share and the model does not need: one-line errors, the checkpoint's tokenizer, torchrun
-ranks, and result files that survive an interruption."""
+"""What the scripts share and the model does not need: flags checked with one-line errors, the checkpoint's
+tokenizer, progress lines, torchrun ranks, and result files that survive an interruption."""
+import argparse
 import json
+import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from model import UserError
+from rope import extrapolation_bound
 
 
 def run_cli(main):
@@ -29,18 +33,129 @@ def run_cli(main):
             torch.distributed.destroy_process_group()
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with `--help` showing each flag's default, and a bad flag reported in one line (exit code 2)."""
+
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+        def _get_help_string(self, action):  # no "(default: None)" on flags that have no default
+            return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+    def __init__(self, description):
+        super().__init__(description=description, formatter_class=self.Formatter)
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def number(kind, ok, what):
+    """An argparse type: a float for which ok(x) holds; `what` says which values are allowed."""
+    def parse(text):
+        try:
+            x = float(text)
+        except ValueError:
+            x = math.nan
+        if not (math.isfinite(x) and ok(x)):
+            raise argparse.ArgumentTypeError(f"{kind} must be {what}, got {text!r}")
+        return x
+    return parse
+
+
+positive = number("the value", lambda x: x > 0, "a finite number > 0")
+non_negative = number("the value", lambda x: x >= 0, "a finite number >= 0")
+
+
+def rope_scaling_flag(text):
+    """'yarn:4' -> {'rope_type': 'yarn', 'factor': 4.0}, a HF rope_scaling dict (llama3 comes from config.json)."""
+    kind, _, factor = text.partition(":")
+    if kind not in ("linear", "dynamic", "yarn"):
+        raise argparse.ArgumentTypeError(f"expected TYPE:FACTOR with TYPE linear, dynamic or yarn, got {text!r}")
+    return dict(rope_type=kind, factor=number("FACTOR", lambda x: x > 0, "a finite number > 0")(factor))
+
+
+def device_flag(name):
+    """A torch device that this machine has: checked before any weight is read."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {name!r} (cpu, cuda, cuda:1, mps, ...)") from None
+    backend = getattr(torch, device.type, None) if device.type != "cpu" else None
+    if device.type != "cpu" and not (hasattr(backend, "is_available") and backend.is_available()
+                                     and (device.index or 0) < backend.device_count()):
+        raise argparse.ArgumentTypeError(f"device {name} is not available on this machine")
+    return name
+
+
 def model_flags(p, required=False):
     """The flags of every script that loads a model."""
     p.add_argument("--model", required=required, help="checkpoint folder (config.json, safetensors, tokenizer.json)")
-    p.add_argument("--rope-scale", type=float, default=1.0, help="static NTK factor lambda (python rope.py prints it)")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--rope-scale", type=positive, default=1.0, help="static NTK factor lambda (python rope.py)")
+    p.add_argument("--rope-scaling", type=rope_scaling_flag, metavar="TYPE:FACTOR",
+                   help="a RoPE scaling method: linear (PI), dynamic (NTK) or yarn, e.g. yarn:4 (after --rope-scale)")
+    p.add_argument("--device", type=device_flag, help="cuda, cpu, ... (default: cuda if available)")
 
 
 def schedule_flags(p, gen_length, steps, block_length):
-    """The flags of sample.generate's schedule, with a script's defaults."""
+    """The flags of sample.generate: its schedule with a script's defaults, and Fast-dLLM's approximations."""
     p.add_argument("--gen-length", type=int, default=gen_length, help="answer length in tokens")
     p.add_argument("--steps", type=int, default=steps, help="denoising steps in total")
     p.add_argument("--block-length", type=int, default=block_length, help="semi-autoregressive block length")
+    p.add_argument("--cache", type=lambda s: None if s == "none" else s, choices=[None, "prefix", "dual"],
+                   metavar="{none,prefix,dual}", help="Fast-dLLM's approximate key/value cache (not the paper's "
+                   "protocol; default none); for a causal model an exact KV cache")
+    p.add_argument("--threshold", type=number("the threshold", lambda x: 0 < x <= 1, "in (0, 1]"),
+                   help="Fast-dLLM's parallel decoding: reveal every token at least this confident (e.g. 0.9)")
+
+
+def rope_label(settings):
+    """A results file's RoPE settings in words: 'rope_scale 14', 'rope_scale 1, yarn x4'."""
+    s = settings.get("rope_scaling")
+    return f"rope_scale {settings['rope_scale']:g}" + (f", {s['rope_type']} x{s['factor']:g}" if s else "")
+
+
+def parse_lengths(text):
+    """'2k,4k,20000' -> [2048, 4096, 20000] (k = 1024 tokens), each at least 1; an argparse type."""
+    try:
+        lengths = [int(float(t[:-1]) * 1024) if t.lower().endswith("k") else int(t) for t in text.split(",")]
+    except ValueError:
+        lengths = [0]
+    if min(lengths) < 1:
+        raise argparse.ArgumentTypeError(f"expected lengths like 8k,16k or 20000, got {text!r}")
+    return lengths
+
+
+def read_text(path):
+    """A user's text file (UTF-8), or one line that names it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
+
+
+def progress(total, every=30.0):
+    """Progress on stderr, called as show(done, text): on a terminal one line redrawn in place; in a log file or
+    a pipe whole lines, the first, the last and at most one every `every` seconds between."""
+    last = -math.inf
+
+    def show(done, text):
+        nonlocal last
+        now = time.time()
+        if sys.stderr.isatty():
+            print("\r" + text, end="\n" if done == total else "", file=sys.stderr, flush=True)
+        elif done in (1, total) or now - last >= every:
+            print(text, file=sys.stderr, flush=True)
+            last = now
+    return show
+
+
+def check_length(model, length):
+    """Longer contexts than the scaling law's bound (rope.py) are allowed, but warned about: some RoPE angles
+    there were never seen in training. (The bound is static NTK's; a scaling method gets no warning.)"""
+    c, scale = model.config, model.rope_base / model.config.rope_theta
+    bound = extrapolation_bound(c.head_dim, c.rope_theta, c.max_sequence_length, scale)
+    if length > bound and model.rope_scaling is None:
+        print(f"warning: {length} tokens exceed the extrapolation bound {bound:.0f} of rope_scale {scale:g}; "
+              "see `python rope.py`", file=sys.stderr)
 
 
 def load_tokenizer(folder):
@@ -50,6 +165,15 @@ def load_tokenizer(folder):
         raise UserError(f"no tokenizer.json in {folder}" if Path(folder).is_dir() else
                         f"model folder not found: {folder}")
     return Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+
+
+def special_ends(tok):
+    """The ids that the tokenizer's post-processor puts before and after a text by default, as tok.encode(text)
+    does: ([<|begin_of_text|>], []) for LLaMA-3, ([], []) for LLaDA. The paper's scripts encoded with those
+    defaults; prompts assembled from pieces get them here."""
+    probe = tok.encode("x")
+    text = [i for i, s in enumerate(probe.sequence_ids) if s is not None]
+    return probe.ids[:text[0]], probe.ids[text[-1] + 1:]
 
 
 def decode_answer(tok, model, answer):

@@ -1,14 +1,13 @@
 """Perplexity against context length for a diffusion LM (LongLLaDA Fig. 1a; protocol in REFERENCE.md section 3)."""
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from cli import all_gather, distributed, load_tokenizer, model_flags, run_cli, save_json
+from cli import (ArgumentParser, all_gather, check_length, distributed, load_tokenizer, model_flags, progress,
+                 read_text, rope_label, run_cli, save_json)
 from model import UserError, load_model
 from plots import ppl_curves
 
@@ -59,12 +58,12 @@ def curve(chunks):
 
 
 def plot(runs, out):
-    ppl_curves([(f"{r['settings']['model']} (rope_scale {r['settings']['rope_scale']:g})", *curve(r["chunks"]))
-                for r in runs], [r["train_len"] for r in runs], out)
+    ppl_curves([(f"{r['settings']['model']} ({rope_label(r['settings'])})", *curve(r["chunks"])) for r in runs],
+               [r["train_len"] for r in runs], out)
 
 
 def main():
-    p = argparse.ArgumentParser(description="Perplexity against context length (LongLLaDA Fig. 1a).")
+    p = ArgumentParser("Perplexity against context length (LongLLaDA Fig. 1a).")
     model_flags(p)
     p.add_argument("--text", help="a long text file, tokenized with the model's tokenizer")
     p.add_argument("--max-len", type=int, default=16384, help="longest context in tokens (the curve's end)")
@@ -81,18 +80,22 @@ def main():
         return plot([json.loads(Path(f).read_text()) for f in args.compare], out.with_suffix(".png"))
     if not args.model or not args.text or min(args.chunk, args.mc, args.batch) < 1 or args.max_len < 2 * args.chunk:
         raise UserError("need --model and --text, --chunk, --mc and --batch of at least 1, --max-len of 2 chunks")
-    ids = torch.tensor(load_tokenizer(args.model).encode(Path(args.text).read_text(), add_special_tokens=False).ids)
+    # Encoded as the checkpoint's tokenizer does by default: LLaMA-3 gets its BOS (context, never scored: chunk 0
+    # is never scored, and next-token targets start at token 1), LLaDA nothing.
+    ids = torch.tensor(load_tokenizer(args.model).encode(read_text(args.text)).ids)
     if len(ids) < args.max_len:
         raise UserError(f"{args.text} has {len(ids)} tokens; --max-len {args.max_len} needs at least that many")
     settings = dict(model=Path(args.model).name, text=Path(args.text).name, max_len=args.max_len,
-                    chunk=args.chunk, mc=args.mc, rope_scale=args.rope_scale, seed=args.seed)
+                    chunk=args.chunk, mc=args.mc, rope_scale=args.rope_scale, rope_scaling=args.rope_scaling,
+                    seed=args.seed)
     run = json.loads(out.read_text()) if out.exists() else dict(settings=settings, chunks=[])
     if run["settings"] != settings:  # never mix runs: a resume must continue the same experiment
         raise UserError(f"{out} holds a run with other settings {run['settings']}; choose another --out")
     rank, world, device = distributed(args.device)
-    model = load_model(args.model, device, rope_scale=args.rope_scale, verbose=rank == 0)
+    model = load_model(args.model, device, rope_scale=args.rope_scale, rope_scaling=args.rope_scaling,
+                       verbose=rank == 0)
     run["train_len"], c = model.config.max_sequence_length, args.chunk
-    model.check_length(args.max_len)
+    check_length(model, args.max_len)
     todo = list(range(len(run["chunks"]) + 1, args.max_len // c))  # chunk i: the prefix is the i chunks before it
     if model.config.causal:  # AR baseline: ordinary next-token perplexity, from one causal forward
         nll = next_token_nll(model, ids[:args.max_len]).cpu()
@@ -103,7 +106,7 @@ def main():
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + i)
         return chunk_nll(model, ids[:i * c], ids[i * c:(i + 1) * c], args.mc, batch=args.batch, generator=gen)
 
-    t0, work = time.time(), sum(todo)  # chunk i costs about i units
+    t0, work, show = time.time(), sum(todo), progress(len(todo))  # chunk i costs about i units
     for r in range(0, len(todo), world):  # under torchrun, rank k takes chunk todo[r + k] of each round
         now = todo[r:r + world]
         values = sum(all_gather([value(i) for i in now[rank:rank + 1]], world), [])
@@ -111,14 +114,13 @@ def main():
         if rank == 0:  # after every round: an interrupted run resumes where it stopped
             save_json(run, out)
             done, seconds = sum(todo[:r + world]), time.time() - t0
-            print(f"\rchunk {now[-1]}/{todo[-1]}  ppl {curve(run['chunks'])[1][-1]:.3f}  "
-                  f"{done * c * args.mc / seconds:,.0f} tok/s  ETA {seconds / done * (work - done) / 60:.1f} min",
-                  end="", file=sys.stderr)
+            show(min(r + world, len(todo)), f"chunk {now[-1]}/{todo[-1]}  ppl {curve(run['chunks'])[1][-1]:.3f}  "
+                 f"{done * c * args.mc / seconds:,.0f} tok/s  ETA {seconds / done * (work - done) / 60:.1f} min")
     if rank == 0:
         save_json(run, out)
         plot([run], out.with_suffix(".png"))
         lengths, ppl = curve(run["chunks"])
-        print(f"\nperplexity at {lengths[-1]} tokens: {ppl[-1]:.3f}; wrote {out} and {out.with_suffix('.png')}")
+        print(f"perplexity at {lengths[-1]} tokens: {ppl[-1]:.3f}; wrote {out} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

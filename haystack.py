@@ -3,10 +3,10 @@ own word lists (or read from a file), seeded needles, and prompts of an exact to
 import random
 import re
 from itertools import islice
-from pathlib import Path
 
 import torch
 
+from cli import read_text, special_ends
 from model import UserError
 
 ISLANDS = ("Marrow Kestrel Tamsin Orlaith Brevik Solvang Quillon Harrowgate Ebbridge Corvane Lindqvist Maravel "
@@ -44,9 +44,12 @@ def generated_sentences(rng):
 
 def build_prompt(tok, sentences, length, depth, island, needle):
     """Exactly `length` token ids: scaffold + haystack, with the needle on its own line at the sentence
-    boundary nearest `depth`% of the haystack. `sentences`: token ids, one sentence each."""
+    boundary nearest `depth`% of the haystack, and what the tokenizer adds by default (LLaMA-3: its BOS) around
+    it all, counted in the length. `sentences`: token ids, one sentence each."""
     head, tail, needle = (tok.encode(t, add_special_tokens=False).ids
                           for t in (PROMPT[0], PROMPT[1].format(island), f"\n{needle}\n"))
+    before, after = special_ends(tok)
+    head, tail = before + head, tail + after
     budget = length - len(head) - len(tail) - len(needle)
     if budget < 1:
         raise UserError(f"length {length} cannot hold the prompt scaffold and needle ({length - budget + 1} at least)")
@@ -77,4 +80,4 @@ def sample_prompt(tok, book, seed, length, depth, repeat):
 
 def read_book(path):
     """The sentences of a text file given as --haystack; None (the generated haystack) without one."""
-    return [s for s in re.split(r"(?<=[.!?])\s+", Path(path).read_text()) if s] if path else None
+    return [s for s in re.split(r"(?<=[.!?])\s+", read_text(path)) if s] if path else None

@@ -5,6 +5,7 @@ the official `modeling_llada.py` op for op. Module names are the checkpoint's te
 loading is one strict `load_state_dict`. Hugging Face LLaMA checkpoints (the causal baseline) load too.
 """
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -15,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from rope import apply_rope, extrapolation_bound, rope_cos_sin
+from rope import SCALING_METHODS, apply_rope, rope_cos_sin, scaled_inv_freq
 
 
 class UserError(ValueError):
@@ -39,6 +40,7 @@ class LLaDAConfig:
     eos_token_id: int = 126081
     eot_token_id: int | None = 126348  # <|eot_id|> of the Instruct chat template; not in config.json
     pad_token_id: int = 126081
+    rope_scaling: dict | None = None  # a HF rope_scaling dict: PI, dynamic NTK, YaRN or LLaMA-3.1 (rope.py)
     causal: bool = False  # True only for the autoregressive baseline (Hugging Face LLaMA checkpoints)
 
     @property
@@ -51,10 +53,7 @@ REQUIRED = dict(block_type="llama", activation_type="silu", layer_norm_type="rms
                 alibi=False, include_bias=False, include_qkv_bias=False, bias_for_layer_norm=False,
                 layer_norm_with_affine=True, rope=True, rope_full_precision=True, scale_logits=False,
                 input_emb_norm=False, attention_layer_norm=False, clip_qkv=None, block_group_size=1)
-
-
-LLAMA_REQUIRED = dict(hidden_act="silu", tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
-                      rope_scaling=None, rope_type="default")  # llama3 / yarn / linear RoPE are refused
+LLAMA_REQUIRED = dict(hidden_act="silu", tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
 
 
 def refuse_unsupported(cfg, required):
@@ -63,18 +62,38 @@ def refuse_unsupported(cfg, required):
             raise UserError(f"config.json: {key}={cfg[key]!r} is not implemented (this code supports {want!r})")
 
 
+def rope_scaling_config(scaling, max_len):
+    """A HF `rope_scaling` dict checked and completed (`rope_type`, `factor`, `original_max_position_embeddings`
+    default: the model's trained length max_len); None for no scaling."""
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return None
+    if kind not in SCALING_METHODS:
+        raise UserError(f"rope scaling {kind!r} is not implemented (this code has {', '.join(SCALING_METHODS)})")
+    s = dict(original_max_position_embeddings=max_len, low_freq_factor=1.0, high_freq_factor=4.0) | {
+        k: v for k, v in scaling.items() if v is not None}
+    s.setdefault("factor", max_len / s["original_max_position_embeddings"] if kind == "yarn" else None)  # HF's
+    for key in ["factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"]:
+        if not isinstance(s.get(key), (int, float)) or not math.isfinite(s[key]) or s[key] <= 0:
+            raise UserError(f"{kind} rope scaling needs a finite positive {key}, got {s.get(key)!r}")
+    if s["low_freq_factor"] >= s["high_freq_factor"]:
+        raise UserError("llama3 rope scaling needs low_freq_factor < high_freq_factor")
+    return s | dict(rope_type=kind)
+
+
 def llama_config(cfg):
     """A Hugging Face LLaMA config.json (the autoregressive baseline of the paper) in this file's terms."""
-    rope = cfg.get("rope_parameters") or {}  # newer transformers write the base here instead of top level
+    rope = cfg.get("rope_parameters") or {}  # transformers 5.x write base and scaling here instead of top level
     d, heads, eos = cfg["hidden_size"], cfg["num_attention_heads"], cfg.get("eos_token_id")
-    refuse_unsupported(cfg | {"rope_type": rope.get("rope_type", "default")}, LLAMA_REQUIRED | {"head_dim": d // heads})
+    refuse_unsupported(cfg, LLAMA_REQUIRED | {"head_dim": d // heads})
     eos = eos if isinstance(eos, list) else [eos]  # LLaMA-3 Instruct lists end-of-text and end-of-turn
     return LLaDAConfig(d_model=d, n_heads=heads, n_kv_heads=cfg.get("num_key_value_heads") or heads,
                        n_layers=cfg["num_hidden_layers"], mlp_hidden_size=cfg["intermediate_size"],
                        vocab_size=cfg["vocab_size"], embedding_size=cfg["vocab_size"],
                        rope_theta=cfg.get("rope_theta") or rope.get("rope_theta", 10000.0),
                        max_sequence_length=cfg["max_position_embeddings"], rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                       mask_token_id=None, eos_token_id=eos[0], eot_token_id=eos[-1], pad_token_id=None, causal=True)
+                       mask_token_id=None, eos_token_id=eos[0], eot_token_id=eos[-1], pad_token_id=None,
+                       rope_scaling=cfg.get("rope_scaling") or rope, causal=True)
 
 
 def read_config(path):
@@ -127,22 +146,26 @@ class Block(nn.Module):
         self.up_proj = nn.Linear(c.d_model, c.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(c.mlp_hidden_size, c.d_model, bias=False)
 
-    def attention(self, x, cos, sin, bias):
+    def attention(self, x, cos, sin, bias, kv=None, pos=0):
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:  # these T tokens sit at positions pos..pos+T-1 of a cached sequence
+            kv[0][:, :, pos:pos + T], kv[1][:, :, pos:pos + T] = k, v  # their keys/values replace the kept ones
+            end = pos + T if self.causal else None  # causal: the keys so far; bidirectional: all, stale ones too
+            k, v = kv[0][:, :, :end], kv[1][:, :, :end]  # (B, nkv, T_keys, hs)
         # LLaDA is bidirectional: every token sees every token, the defining change from LLaMA (causal).
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=self.causal and bias is None,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=self.causal and bias is None and T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)  # GQA: LLaMA-3 only
         return self.attn_out(y.transpose(1, 2).reshape(B, T, C))  # (B, nh, T, hs) -> (B, T, C)
 
     def mlp(self, x):
         return self.ff_out(F.silu(self.ff_proj(x)) * self.up_proj(x))
 
-    def forward(self, x, cos, sin, bias):
-        x = x + self.attention(self.attn_norm(x), cos, sin, bias)
+    def forward(self, x, cos, sin, bias, kv=None, pos=0):
+        x = x + self.attention(self.attn_norm(x), cos, sin, bias, kv, pos)
         return x + self.mlp(self.ff_norm(x))
 
 
@@ -151,6 +174,7 @@ class LLaDA(nn.Module):
         super().__init__()
         self.config = config
         self.rope_base = config.rope_theta * rope_scale  # LongLLaDA's static NTK: theta <- lambda * theta
+        self.rope_scaling = rope_scaling_config(config.rope_scaling, config.max_sequence_length)  # on that base
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.embedding_size, config.d_model),
             blocks=nn.ModuleList(Block(config) for _ in range(config.n_layers)),
@@ -162,20 +186,11 @@ class LLaDA(nn.Module):
     def device(self):
         return self.transformer.wte.weight.device
 
-    def check_length(self, length):
-        """Longer contexts than the scaling law's bound (rope.py) are allowed, but warned about: some RoPE
-        angles there were never seen in training."""
-        c, scale = self.config, self.rope_base / self.config.rope_theta
-        bound = extrapolation_bound(c.head_dim, c.rope_theta, c.max_sequence_length, scale)
-        if length > bound:
-            print(f"warning: {length} tokens exceed the extrapolation bound {bound:.0f} of rope_scale {scale:g}; "
-                  "see `python rope.py`", file=sys.stderr)
-
-    def forward(self, ids, attention_mask=None, logits_at=None):
-        """ids (B, T) -> logits (B, T, V); or only at `logits_at`: a slice or 1-D index tensor over T gives
-        (B, K, V), a (B, T) bool mask gives (N, V) for its N true entries. The LM head runs only there: at
-        24k tokens full logits are 24576 x 126464 values (6 GB in bf16) per forward, for a few dozen used."""
-        x = self.hidden_states(ids, attention_mask)
+    def forward(self, ids, attention_mask=None, logits_at=None, cache=None, pos=0):
+        """ids (B, T) -> logits (B, T, V); or only at `logits_at`: a slice or 1-D index tensor over T gives (B, K, V),
+        a (B, T) bool mask (N, V) for its N true entries (cache, pos: see hidden_states). The LM head runs only
+        there: at 24k tokens full logits are 24576 x 126464 values (6 GB in bf16) per forward, for a few dozen used."""
+        x = self.hidden_states(ids, attention_mask, cache, pos)
         if logits_at is not None:
             is_mask = torch.is_tensor(logits_at) and logits_at.dtype == torch.bool
             x = x[logits_at] if is_mask else x[:, logits_at]  # (N, C) or (B, K, C)
@@ -184,22 +199,32 @@ class LLaDA(nn.Module):
     def lm_head(self, x):
         return self.transformer.ff_out(self.transformer.ln_f(x))
 
-    def hidden_states(self, ids, attention_mask=None):
-        """(B, T) -> (B, T, C) before the final norm. attention_mask (B, T), 1 = token, 0 = left padding,
-        masks those keys with an additive bias, as the official Oct-2025 revision does; positions are not shifted."""
-        tr, T = self.transformer, ids.shape[1]
+    def new_cache(self, batch, length):
+        """A key/value cache of a `length`-token sequence: per layer [keys, values], each (B, nkv, length, hs),
+        keys after RoPE (rotated by their own absolute positions, so they can be reused as they are)."""
+        shape, w = (batch, self.config.n_kv_heads, length, self.config.head_dim), self.transformer.wte.weight
+        return [[w.new_zeros(shape), w.new_zeros(shape)] for _ in self.transformer.blocks]
+
+    def hidden_states(self, ids, attention_mask=None, cache=None, pos=0):
+        """(B, T) -> (B, T, C) before the final norm. attention_mask (B, T_all), 1 = token, 0 = left padding,
+        masks those keys with an additive bias, as the official Oct-2025 revision does; positions are not shifted.
+        With a cache (new_cache), `ids` are the tokens at positions pos..pos+T-1 of the cached sequence: their
+        keys/values are written there and they attend to all the cache's (causal: to the first pos+T), so a
+        forward can feed only the tokens that changed (Fast-dLLM), or one new token (the classic KV cache)."""
+        tr, T, c = self.transformer, ids.shape[1], self.config
+        keys = T if cache is None else pos + T if c.causal else cache[0][0].shape[2]  # how many keys attention sees
         x = tr.wte(ids)  # (B, T, C); no scaling, no position embedding, no time embedding
-        # RoPE once per forward, in fp32, for positions 0..T-1 (not once per layer).
-        cos, sin = rope_cos_sin(T, self.config.head_dim, self.rope_base, ids.device)
-        bias = None
+        # RoPE once per forward (not once per layer), in fp32; dynamic NTK takes the number of keys as the length.
+        inv, a = scaled_inv_freq(c.head_dim, self.rope_base, self.rope_scaling, c.max_sequence_length, keys, ids.device)
+        cos, sin = rope_cos_sin(pos, pos + T, inv, a)
+        bias, low = None, torch.finfo(x.dtype).min
         if attention_mask is not None:
-            pad = 1.0 - attention_mask.to(x.dtype)[:, None, None, :]  # (B, 1, 1, T): keys only
-            bias = pad * torch.finfo(x.dtype).min
-            if self.config.causal:  # minimum, not sum: two finfo.min would overflow to -inf (NaN rows)
-                causal = torch.full((T, T), torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device).triu(1)
-                bias = bias.minimum(causal)  # (B, 1, T, T)
-        for block in tr.blocks:
-            x = block(x, cos, sin, bias)
+            bias = (1.0 - attention_mask[:, None, None, :keys].to(x.dtype)) * low  # (B, 1, 1, K): keys only
+        if c.causal and T > 1 and (bias is not None or pos > 0):  # else SDPA's is_causal (or one query: no mask)
+            causal = torch.full((T, keys), low, dtype=x.dtype, device=x.device).triu(pos + 1)  # query i: keys <= pos+i
+            bias = causal if bias is None else bias.minimum(causal)  # minimum: two finfo.min would overflow (NaN)
+        for block, kv in zip(tr.blocks, cache or [None] * len(tr.blocks)):
+            x = block(x, cos, sin, bias, kv, pos)
         return x
 
 
@@ -234,18 +259,20 @@ def shard_files(path):
     return files
 
 
-def load_model(path, device=None, dtype=None, rope_scale=1.0, verbose=False):
+def load_model(path, device=None, dtype=None, rope_scale=1.0, rope_scaling=None, verbose=False):
     """Load a checkpoint folder (config.json + safetensors shards; LLaDA or HF LLaMA) straight onto `device`.
 
     The model is built on the meta device (no memory, no random init of 8B parameters), each tensor is
     read from its shard directly onto the target device and assigned as the parameter itself
     (`assign=True`), so only one copy of the weights ever exists. Default dtype: bf16 on CUDA, fp32 on
-    CPU. `rope_scale` multiplies rope_theta (LongLLaDA's static NTK factor lambda)."""
+    CPU. `rope_scale` multiplies rope_theta (LongLLaDA's static NTK factor lambda); `rope_scaling`, a HF
+    rope_scaling dict such as {'rope_type': 'yarn', 'factor': 4.0}, replaces the checkpoint's own."""
     t0 = time.time()
     path = Path(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     config = read_config(path)
+    config.rope_scaling = rope_scaling or config.rope_scaling
     with torch.device("meta"):
         model = LLaDA(config, rope_scale)
     expected = {name: p.shape for name, p in model.state_dict().items()}

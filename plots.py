@@ -1,10 +1,9 @@
-"""The figures: RoPE angles (LongLLaDA Fig. 4), perplexity curves (Fig. 1a) and needle heatmaps (Fig. 2, 3, 6).
-matplotlib is imported only when a figure is drawn, and draws to files only (no screen needed)."""
+"""The figures: RoPE angles (LongLLaDA Fig. 4) and scaling methods, perplexity curves (Fig. 1a) and needle heatmaps
+(Fig. 2, 3, 6). matplotlib is imported only when a figure is drawn, and draws to files only (no screen needed).
+Nothing here imports the project's other files: the scripts compute, this file draws."""
 import math
 
 import torch
-
-from rope import critical_dim
 
 
 def pyplot():
@@ -16,11 +15,11 @@ def pyplot():
 
 def rope_rotations(models, span, out):
     """Fig. 4: cos/sin of m * theta_j against relative position m for a high-, a mid- and a low-frequency
-    dim. Bidirectional training covers [-(T-1), T-1]; causal training only [0, T-1]."""
+    dim. Bidirectional training covers [-(T-1), T-1]; causal training only [0, T-1]. models: (name, head_dim,
+    base, train_len, bidirectional, critical dim)."""
     fig, axes = pyplot().subplots(len(models), 3, figsize=(15, 3.2 * len(models)), squeeze=False)
     m = torch.arange(-span, span + 1, dtype=torch.float64)
-    for row, (name, d, base, train_len, bidir) in zip(axes, models):
-        d_extra = critical_dim(d, base, train_len)
+    for row, (name, d, base, train_len, bidir, d_extra) in zip(axes, models):
         lo, hi = (-(train_len - 1), train_len - 1) if bidir else (0, train_len - 1)
         dims = [("high", d_extra // 4), ("mid: first beyond d_extra", d_extra // 2), ("low", (d_extra + d) // 4)]
         for ax, (kind, j) in zip(row, dims):
@@ -34,6 +33,26 @@ def rope_rotations(models, span, out):
         row[0].legend(loc="lower left", fontsize=8)
         row[0].set_ylabel(f"trained [{lo}, {hi}]")
     fig.suptitle("RoPE angles seen in training (white) and not (grey): bidirectional vs causal (LongLLaDA Fig. 4)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def rope_stretch(name, targets, theta, d_extra, out):
+    """Per target length, one panel: how many times each method stretches the wavelength 2 pi / theta_j of each
+    dim pair (theta_j / theta'_j, log scale), with the critical dim marked: the dims right of it never made a full
+    turn in training, and a method reaches the target when it stretches them enough. targets: (length,
+    [(method, setting, theta'_j), ...])."""
+    fig, axes = pyplot().subplots(1, len(targets), figsize=(4.2 * len(targets), 4), sharey=True, squeeze=False)
+    dims = torch.arange(0, 2 * len(theta), 2)
+    for ax, (length, methods) in zip(axes[0], targets):
+        for method, setting, inv in methods:
+            ax.plot(dims, theta / inv, label=f"{method}: {setting}", lw=1.5)
+        ax.axvline(d_extra, color="0.4", ls="--", lw=1)
+        ax.text(d_extra, 1.02, f" critical dim {d_extra}", fontsize=8, color="0.3", va="bottom")
+        ax.set(yscale="log", xlabel="dimension 2j", title=f"target {length:,} tokens")
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0][0].set_ylabel("wavelength stretch (theta_j / theta'_j)")
+    fig.suptitle(f"{name}: how each RoPE scaling method stretches each dimension's wavelength")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 

@@ -1,12 +1,10 @@
-"""Rotary position embedding (RoPE), static NTK, and the RoPE extrapolation scaling law.
+"""Rotary position embedding (RoPE), its scaling methods, and the RoPE extrapolation scaling law.
 
-RoPE rotates each (dim j, dim j + d/2) pair of a query/key by the angle m * theta_j, so that the
-dot product of a query at position m and a key at position n depends only on m - n. A model only
-ever sees the relative positions of its training: [0, T-1] for a causal LM, but [-(T-1), T-1] for a
-bidirectional diffusion LM such as LLaDA (LongLLaDA, Sec. 3.2). `python rope.py` prints the scaling
-law's numbers and draws a picture of that difference (LongLLaDA, Fig. 4).
+RoPE rotates each (dim j, dim j + d/2) pair of a query/key by the angle m * theta_j, so that the dot product of a
+query at position m and a key at position n depends only on m - n. A model only ever sees the relative positions of
+its training: [0, T-1] for a causal LM, but [-(T-1), T-1] for a bidirectional diffusion LM such as LLaDA (LongLLaDA,
+Sec. 3.2). `python rope.py` prints the scaling law's numbers and what each scaling method sets, and draws them.
 """
-import argparse
 import math
 
 import torch
@@ -17,30 +15,84 @@ def inv_freq(head_dim, base, device=None):
     return 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
 
 
-def rope_cos_sin(seq_len, head_dim, base, device=None):
-    """cos and sin of m * theta_j for positions m = 0..T-1, each (T, d) in fp32.
+# --- scaling methods (HF `modeling_rope_utils`): theta_j -> theta'_j, and an attention factor a for cos and sin ---
+# Each reads a HF rope_scaling dict `s` (as model.rope_scaling_config leaves it), with HF's key names and defaults.
 
-    Frequency j drives dims j and j + d/2 (the half-split layout of the LLaDA and HF LLaMA weights):
-    emb = cat(angles, angles). Positions start at 0 for every query and key, padding or not."""
-    positions = torch.arange(seq_len, device=device, dtype=torch.float32)
-    angles = torch.outer(positions, inv_freq(head_dim, base, device))  # (T, d/2)
+def linear_inv_freq(theta, s, **_):
+    """Position interpolation (Chen et al. 2023, arXiv 2306.15595; HF "linear"): theta'_j = theta_j / s, the same
+    as reading position m as m / s, so s times the trained length maps into the trained range. a = 1."""
+    return theta / s["factor"], 1.0
+
+
+def dynamic_inv_freq(theta, s, head_dim, base, max_len, seq_len):
+    """Dynamic NTK (2023; HF `_compute_dynamic_ntk_parameters`): base' = base * (s L / T_max - (s - 1))^(d / (d-2))
+    with L = max(T, T_max) for the current length T: nothing changes up to T_max, then the base grows with T. a = 1."""
+    grown = s["factor"] * max(seq_len, max_len) / max_len - (s["factor"] - 1)
+    return inv_freq(head_dim, base * grown ** (head_dim / (head_dim - 2)), theta.device), 1.0
+
+
+def yarn_inv_freq(theta, s, head_dim, base, **_):
+    """YaRN (Peng et al. 2023, arXiv 2309.00071; HF `_compute_yarn_parameters`): pairs that turn fewer than
+    beta_slow (1) times in T0 = original_max_position_embeddings tokens are interpolated (theta_j / s), pairs that
+    turn more than beta_fast (32) times are kept, with a linear ramp between; pair j turns r times in T0 tokens at
+    j = c(r) = d ln(T0 / (2 pi r)) / (2 ln base). a = 0.1 ln(s) + 1 (or attention_factor, or a ratio of mscales)."""
+    factor, t0 = s["factor"], s["original_max_position_embeddings"]
+
+    def correction_dim(rotations):
+        return head_dim * math.log(t0 / (2 * math.pi * rotations)) / (2 * math.log(base))
+
+    def mscale(k):  # 0.1 k ln(s) + 1
+        return 0.1 * k * math.log(factor) + 1.0 if factor > 1 else 1.0
+    low, high = correction_dim(s.get("beta_fast") or 32), correction_dim(s.get("beta_slow") or 1)
+    if s.get("truncate", True):
+        low, high = max(math.floor(low), 0), min(math.ceil(high), head_dim - 1)
+    j = torch.arange(head_dim // 2, device=theta.device, dtype=torch.float32)
+    keep = 1 - ((j - low) / (high - low if high != low else 0.001)).clamp(0, 1)  # 1: extrapolate, 0: interpolate
+    a = s.get("attention_factor") or (mscale(s["mscale"]) / mscale(s["mscale_all_dim"])
+                                      if s.get("mscale") and s.get("mscale_all_dim") else mscale(1))
+    return theta / factor * (1 - keep) + theta * keep, a
+
+
+def llama3_inv_freq(theta, s, **_):
+    """LLaMA-3.1 (Meta 2024; HF `_compute_llama3_parameters`): with wavelength w_j = 2 pi / theta_j and T0 =
+    original_max_position_embeddings, pairs with w_j < T0 / high_freq_factor are kept, pairs with w_j > T0 /
+    low_freq_factor are divided by s, and between them theta'_j = (1 - k) theta_j / s + k theta_j with
+    k = (T0 / w_j - low_freq_factor) / (high_freq_factor - low_freq_factor). a = 1."""
+    low, high = s["low_freq_factor"], s["high_freq_factor"]
+    smooth = ((s["original_max_position_embeddings"] * theta / (2 * math.pi) - low) / (high - low)).clamp(0, 1)
+    return (1 - smooth) * theta / s["factor"] + smooth * theta, 1.0
+
+
+SCALING_METHODS = dict(linear=linear_inv_freq, dynamic=dynamic_inv_freq, yarn=yarn_inv_freq, llama3=llama3_inv_freq)
+
+
+def scaled_inv_freq(head_dim, base, scaling=None, max_len=None, seq_len=None, device=None):
+    """(theta'_j, attention factor) for a forward over seq_len positions (only dynamic NTK looks at it) of a model
+    trained on max_len; `scaling`: a HF rope_scaling dict (model.py checks it), None for plain RoPE."""
+    theta = inv_freq(head_dim, base, device)
+    if scaling is None:
+        return theta, 1.0
+    return SCALING_METHODS[scaling["rope_type"]](theta, scaling, head_dim=head_dim, base=base, max_len=max_len,
+                                                 seq_len=seq_len)
+
+
+def rope_cos_sin(start, end, inv, attention_factor=1.0):
+    """cos and sin of m * theta_j (inv: theta_j) for positions m = start..end-1, each (end - start, d) in fp32, times
+    the attention factor. Frequency j drives dims j and j + d/2 (the half-split layout of the LLaDA and HF LLaMA
+    weights): emb = cat(angles, angles). Positions count from 0 at the first token, padding or not."""
+    angles = torch.outer(torch.arange(start, end, device=inv.device, dtype=torch.float32), inv)  # (T, d/2)
     emb = torch.cat((angles, angles), dim=-1)  # (T, d)
-    return emb.cos(), emb.sin()
-
-
-def rotate_half(x):
-    """(x1, x2) -> (-x2, x1) on the two halves of the last dim: multiplication by i in the half-split layout."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    return emb.cos() * attention_factor, emb.sin() * attention_factor
 
 
 def apply_rope(x, cos, sin):
-    """x' = x * cos(m theta) + rotate_half(x) * sin(m theta), computed in fp32 and cast back to x's dtype.
-
-    x: (B, nh, T, hs); cos, sin: (T, hs). Interleaved-pair layouts (Meta's original LLaMA code) give
-    wrong logits on these checkpoints without any error, so the layout is pinned by a test."""
+    """x' = x * cos(m theta) + rotate_half(x) * sin(m theta) in fp32, cast back to x's dtype; rotate_half (x1, x2) =
+    (-x2, x1) on the halves of the last dim is multiplication by i in the half-split layout. x: (B, nh, T, hs); cos,
+    sin: (T, hs). Interleaved-pair layouts (Meta's original LLaMA code) give wrong logits on these checkpoints
+    without any error, so the layout is pinned by a test."""
     xf = x.float()
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
 # --- the scaling law (Liu et al. 2023, "Scaling Laws of RoPE-based Extrapolation", arXiv 2310.05209) ---
@@ -60,63 +112,62 @@ def extrapolation_bound(head_dim, base, train_len, scale=1.0):
 def ntk_scale_for(target_len, head_dim, base, train_len):
     """lambda = ceil(base^-1 * (T / (2 pi))^(d / d_extra)): the smallest integer factor whose bound reaches T.
 
-    LongLLaDA (Sec. 4) applies it as *static NTK*: rope_theta <- lambda * rope_theta, for every dim and
-    at every length. HF's "NTK-aware" form writes the new base as base * alpha^(d/(d-2)) so that the
-    lowest frequency is stretched exactly alpha times; the two are the same family with
-    lambda = alpha^(d/(d-2)) (alpha = lambda^((d-2)/d), e.g. lambda 14 <-> alpha 13.45 at d = 128)."""
+    LongLLaDA (Sec. 4) applies it as *static NTK*: rope_theta <- lambda * rope_theta, for every dim and at every
+    length. HF's "NTK-aware" form writes the new base as base * alpha^(d/(d-2)), so that the lowest frequency is
+    stretched exactly alpha times: the same family with lambda = alpha^(d/(d-2)) (lambda 14 <-> alpha 13.45)."""
     d_extra = critical_dim(head_dim, base, train_len)
     return math.ceil((target_len / (2 * math.pi)) ** (head_dim / d_extra) / base)
 
 
-# --- python rope.py: the table and the picture ---
+# --- python rope.py: the tables and the pictures ---
 
-def parse_lengths(text):
-    """'2k,4k,20000' -> [2048, 4096, 20000] (k = 1024 tokens); ValueError on anything else."""
-    return [int(float(t[:-1]) * 1024) if t.lower().endswith("k") else int(t) for t in text.split(",")]
+PRESETS = [("LLaDA-8B", 128, 500000.0, 4096, True), ("LLaMA3-8B", 128, 500000.0, 8192, False)]  # d, base, T, bidir
 
 
-PRESETS = [  # name, head_dim, base, train_len, bidirectional
-    ("LLaDA-8B", 128, 500000.0, 4096, True),
-    ("LLaMA3-8B", 128, 500000.0, 8192, False),
-]
-
-
-def print_table(models, targets):
-    """Per model: the critical dim, the bound at lambda = 1, and per target length: lambda (the bound it gives)."""
-    names = [f"{t / 1024:g}k" if t % 1024 == 0 else str(t) for t in targets]
-    print(f"{'model':<10} {'d_extra':>7} {'T_extra':>7}" + "".join(f"{'lambda ' + n:>15}" for n in names))
-    for name, d, base, train_len, _ in models:
-        lams = [ntk_scale_for(t, d, base, train_len) for t in targets]
-        cells = [f"{lam} ({extrapolation_bound(d, base, train_len, lam):.0f})" for lam in lams]
-        print(f"{name:<10} {critical_dim(d, base, train_len):>7} {extrapolation_bound(d, base, train_len):>7.0f}"
-              + "".join(f"{c:>15}" for c in cells))
+def methods_for(target, d, base, train_len):
+    """Each method set up for `target` tokens: (name, its setting, theta'_j). Static NTK takes the scaling law's
+    lambda (the bound it reaches in brackets); the others s = target / train_len, with T0 = train_len."""
+    s, lam = target / train_len, ntk_scale_for(target, d, base, train_len)
+    bound = extrapolation_bound(d, base, train_len, lam)
+    out = [("static NTK", f"lambda {lam} ({bound:.0f})", inv_freq(d, lam * base))]
+    cfg = dict(factor=s, original_max_position_embeddings=train_len, low_freq_factor=1.0, high_freq_factor=4.0)
+    for kind, name in [("linear", "PI"), ("dynamic", "dynamic NTK"), ("yarn", "YaRN"), ("llama3", "LLaMA-3.1")]:
+        inv, a = scaled_inv_freq(d, base, cfg | dict(rope_type=kind), train_len, target)
+        base_x = (inv_freq(d, base)[1] / inv[1]).item() ** (d / 2)  # theta_1 = base^(-2/d) gives the new base
+        out.append((name, f"s {s:g}" + {"dynamic": f", base x{base_x:.3g}", "yarn": f", a {a:.3f}"}.get(kind, ""), inv))
+    return out
 
 
 def main():
-    p = argparse.ArgumentParser(description="RoPE scaling-law table and the LongLLaDA Fig. 4 picture.")
+    from cli import ArgumentParser, parse_lengths  # here, not at the top: cli.py imports model.py, which imports rope
+    from plots import rope_rotations, rope_stretch
+    p = ArgumentParser("RoPE scaling law and methods: tables, LongLLaDA Fig. 4, each method's wavelength stretch.")
     p.add_argument("--head-dim", type=int, help="head dimension of a custom model (default: the presets)")
     p.add_argument("--base", type=float, help="rope_theta of a custom model")
     p.add_argument("--train-len", type=int, help="trained context length of a custom model")
     p.add_argument("--causal", action="store_true", help="the custom model is causal (default: bidirectional)")
-    p.add_argument("--target", default="8k,16k,24k,32k", help="target lengths for lambda, e.g. 8k,16k or 20000")
-    p.add_argument("--out", default="rope_extrapolation.png", help="where to write the picture")
+    p.add_argument("--target", default="8k,16k,24k,32k", type=parse_lengths, help="target lengths (k = 1024 tokens)")
+    p.add_argument("--out", default="rope_extrapolation.png", help="Fig. 4; the stretch picture goes beside it")
     args = p.parse_args()
-    try:
-        targets = parse_lengths(args.target)
-    except ValueError:
-        p.error(f"--target: expected lengths like 8k,16k or 20000, got {args.target!r}")
     models = PRESETS
     if args.head_dim or args.base or args.train_len:
-        _, d, base, train_len, _ = PRESETS[0]
-        d, base, train_len = args.head_dim or d, args.base or base, args.train_len or train_len
-        if d < 2 or d % 2 or base <= 1 or train_len < 8 or min(targets) < 1:
-            p.error("need an even --head-dim >= 2, --base > 1, --train-len >= 8 and positive --target")
+        d, base, train_len = args.head_dim or 128, args.base or 500000.0, args.train_len or 4096
+        if d < 2 or d % 2 or base <= 1 or train_len < 8:
+            p.error("need an even --head-dim >= 2, --base > 1 and --train-len >= 8")
         models = [("custom", d, base, train_len, not args.causal)]
-    print_table(models, targets)
-    span = max(max(targets) // 2, 2 * max(train_len for _, _, _, train_len, _ in models))
-    from plots import rope_rotations  # imported here: plots.py imports rope.py at its top
-    rope_rotations(models, span, args.out)
-    print(f"wrote {args.out}")
+    for name, d, base, train_len, _ in models:  # one table per model: rows the methods, columns the targets
+        print(f"{name} (trained {train_len}, head_dim {d}, base {base:g}): d_extra {critical_dim(d, base, train_len)},"
+              f" T_extra {extrapolation_bound(d, base, train_len):.0f}\n  {'method':<12}" +
+              "".join(f"{f'{t / 1024:g}k' if t % 1024 == 0 else t:>19}" for t in args.target))
+        rows = [methods_for(t, d, base, train_len) for t in args.target]
+        print("\n".join(f"  {r[0][0]:<12}" + "".join(f"{c[1]:>19}" for c in r) for r in zip(*rows)))
+    span = max(max(args.target) // 2, 2 * max(train_len for _, _, _, train_len, _ in models))
+    rope_rotations([(*m, critical_dim(*m[1:4])) for m in models], span, args.out)
+    name, d, base, train_len, _ = models[0]
+    stretch = args.out.removesuffix(".png") + "_methods.png"
+    rope_stretch(name, [(t, methods_for(t, d, base, train_len)) for t in args.target], inv_freq(d, base),
+                 critical_dim(d, base, train_len), stretch)
+    print(f"wrote {args.out} and {stretch}")
 
 
 if __name__ == "__main__":

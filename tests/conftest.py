@@ -65,10 +65,11 @@ def ckpt_tok(ckpt_copy):
     return ckpt_copy
 
 
-def write_byte_tokenizer(folder):
+def write_byte_tokenizer(folder, bos=False):
     """A byte-level tokenizer.json: ids 0-255 are the bytes (GPT-2 style symbols), no merges, so any
-    English text encodes within the tiny fixture's vocabulary; specials as in write_tokenizer."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    English text encodes within the tiny fixture's vocabulary; specials as in write_tokenizer. With `bos`, its
+    post-processor puts <|startoftext|> (376) before every text by default, as LLaMA-3's tokenizer.json does."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     byte_syms = sorted(alphabet, key=lambda ch: _byte_of(ch))
     vocab = {ch: i for i, ch in enumerate(byte_syms)} | {t: i for i, t in SPECIALS.items()}
@@ -76,6 +77,9 @@ def write_byte_tokenizer(folder):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS.values()])
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<|startoftext|> $A",
+                                                           special_tokens=[("<|startoftext|>", 376)])
     tok.save(str(folder / "tokenizer.json"))
 
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from conftest import ROOT
-from rope import apply_rope, critical_dim, extrapolation_bound, ntk_scale_for, rope_cos_sin
+from rope import apply_rope, critical_dim, extrapolation_bound, inv_freq, ntk_scale_for, rope_cos_sin
 
 
-def rotated(x, pos, T=64, base=10000.0):
-    cos, sin = rope_cos_sin(T, x.shape[-1], base)
-    return apply_rope(x[None, None, None, :], cos[pos:pos + 1], sin[pos:pos + 1])[0, 0, 0]
+def rotated(x, pos, base=10000.0):
+    cos, sin = rope_cos_sin(pos, pos + 1, inv_freq(x.shape[-1], base))
+    return apply_rope(x[None, None, None, :], cos, sin)[0, 0, 0]
 
 
 def test_dot_product_depends_only_on_relative_position():
@@ -37,7 +37,7 @@ def test_layout_is_half_split_not_interleaved():
 
 def test_position_zero_is_identity_and_dtype_is_kept():
     x = torch.randn(1, 2, 5, 8, dtype=torch.bfloat16)
-    cos, sin = rope_cos_sin(5, 8, 500000.0)
+    cos, sin = rope_cos_sin(0, 5, inv_freq(8, 500000.0))
     y = apply_rope(x, cos, sin)
     assert y.dtype == torch.bfloat16 and torch.equal(y[:, :, 0], x[:, :, 0])
 
@@ -65,11 +65,13 @@ def test_cli_prints_table_and_writes_png(tmp_path):
     r = subprocess.run([sys.executable, "rope.py", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "LLaDA-8B" in r.stdout and "LLaMA3-8B" in r.stdout
-    assert "55 (32949)" in r.stdout and "13 (33419)" in r.stdout
+    assert "lambda 55 (32949)" in r.stdout and "lambda 13 (33419)" in r.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "fig4_methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cli_rejects_bad_target(tmp_path):
     r = subprocess.run([sys.executable, "rope.py", "--target", "lots", "--out", str(tmp_path / "x.png")],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "--target" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
