@@ -3,6 +3,8 @@
   python bench.py load     peak memory of loading a generated ~330 MB checkpoint to CPU
   python bench.py sample   lean sampling (LM head on the block only) vs the official full-logits loop
   python bench.py ppl      batched ELBO with the LM head on masked positions vs one full-logits forward per sample
+  python bench.py cache    exact sampling vs Fast-dLLM's prefix / dual caches and parallel decoding (CPU)
+  python bench.py gpu      LLaDA-8B-shaped random model on one GPU: forward at 4k-32k, a 24k sample exact vs dual
 """
 import argparse
 import json
@@ -167,8 +169,79 @@ def bench_ppl(args):
     print(f"  speed-up {t_off / t_this:.1f}x; largest difference of chunk values {diff:.1e} nats")
 
 
+def random_model(config, device, dtype):
+    """Random weights (normal, std 0.02; norms 1) made directly on `device` in `dtype`: no checkpoint, no CPU copy."""
+    with torch.device("meta"):
+        model = LLaDA(config).to(dtype)
+    model.to_empty(device=device).eval().requires_grad_(False)
+    gen = torch.Generator(device).manual_seed(0)
+    for name, p in model.named_parameters():
+        p.fill_(1) if "norm" in name or "ln_f" in name else p.normal_(0, 0.02, generator=gen)
+    return model
+
+
+def sample_ways(model, prompt, ways, clock=time.time):
+    """generate() once per (name, cache, threshold): seconds, forwards, and the share of answer tokens equal to
+    the first way's, one line each."""
+    calls, first = [], None
+    hook = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    for name, cache, threshold in ways:
+        calls.clear()
+        t0 = clock()
+        out = generate(model, prompt, steps=32, gen_length=32, block_length=32, cache=cache, threshold=threshold)
+        seconds = clock() - t0
+        first = out if first is None else first
+        same = (out[:, -32:] == first[:, -32:]).float().mean().item()
+        print(f"  {name:<26}: {seconds:7.2f}s, {len(calls):2d} forwards, {same:5.0%} of the exact run's tokens")
+    hook.remove()
+
+
+def bench_cache(args):
+    """A body-dominated model: 6 layers of width 256 with the real vocabulary, random weights."""
+    config = LLaDAConfig(d_model=256, n_heads=4, n_kv_heads=4, n_layers=6, mlp_hidden_size=704)
+    model = random_model(config, "cpu", torch.float32)
+    prompt = torch.randint(0, 126000, (1, 2048), generator=torch.Generator().manual_seed(0))
+    print(f"LLaDA, 6 layers, d_model 256, vocab {config.vocab_size}, random weights, fp32 on CPU; "
+          f"{prompt.shape[1]}-token prompt, gen 32 / block 32 / steps 32")
+    sample_ways(model, prompt, [("exact", None, None), ("prefix cache", "prefix", None), ("dual cache", "dual", None),
+                                ("dual cache + threshold 0.9", "dual", 0.9)])
+
+
+def cuda_clock():
+    torch.cuda.synchronize()
+    return time.time()
+
+
+def bench_gpu(args, config=None, lengths=(4096, 8192, 16384, 24576, 32768), sample_len=24576, device="cuda"):
+    """LLaDA-8B's shape (the config defaults) with random bf16 weights made on the GPU: one forward per length
+    (LM head on 32 rows) with its achieved TFLOP/s and peak memory, then a NIAH-shaped sample, exact vs dual."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return print("bench.py gpu needs a CUDA GPU; this machine has none")
+    config, cuda = config or LLaDAConfig(), device == "cuda"
+    clock = cuda_clock if cuda else time.time
+    model = random_model(config, device, torch.bfloat16 if cuda else torch.float32)
+    body = sum(p.numel() for p in model.transformer.blocks.parameters())  # the weights every token multiplies
+    print(f"LLaDA-8B shape: {body / 1e9:.2f}B parameters in the blocks, random {model.transformer.wte.weight.dtype} "
+          f"weights on {torch.cuda.get_device_name() if cuda else device}")
+    ids = torch.randint(0, 126000, (1, max(lengths + (sample_len,))), generator=torch.Generator().manual_seed(0))
+    for T in lengths:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = clock()
+        model(ids[:, :T].to(device), logits_at=slice(-32, None))
+        seconds = clock() - t0
+        flops = 2 * body * T + 4 * config.n_layers * T ** 2 * config.d_model
+        peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""
+        print(f"  forward at {T:>6} tokens: {seconds:6.2f}s, {flops / seconds / 1e12:6.1f} TFLOP/s{peak}")
+    print(f"NIAH-shaped sample: {sample_len}-token prompt, gen 32 / block 32 / steps 32")
+    sample_ways(model, ids[:, :sample_len].to(device), [("exact", None, None), ("dual cache", "dual", None)], clock)
+    if cuda:
+        print(f"  peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["load", "sample", "ppl"], help="which measurement to run")
+    p.add_argument("what", choices=["load", "sample", "ppl", "cache", "gpu"], help="which measurement to run")
     args = p.parse_args()
-    {"load": bench_load, "sample": bench_sample, "ppl": bench_ppl}[args.what](args)
+    benches = dict(load=bench_load, sample=bench_sample, ppl=bench_ppl, cache=bench_cache, gpu=bench_gpu)
+    benches[args.what](args)

@@ -135,16 +135,16 @@ class Block(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim, self.causal = c.n_heads, c.n_kv_heads, c.head_dim, c.causal
-        kv_dim = c.n_kv_heads * c.head_dim
         self.attn_norm = RMSNorm(c.d_model, c.rms_norm_eps)
         self.q_proj = nn.Linear(c.d_model, c.d_model, bias=False)
-        self.k_proj = nn.Linear(c.d_model, kv_dim, bias=False)
-        self.v_proj = nn.Linear(c.d_model, kv_dim, bias=False)
+        self.k_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=False)  # GQA: fewer key/value heads
+        self.v_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=False)
         self.attn_out = nn.Linear(c.d_model, c.d_model, bias=False)
         self.ff_norm = RMSNorm(c.d_model, c.rms_norm_eps)
         self.ff_proj = nn.Linear(c.d_model, c.mlp_hidden_size, bias=False)  # the gate (through SiLU)
         self.up_proj = nn.Linear(c.d_model, c.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(c.mlp_hidden_size, c.d_model, bias=False)
+        self.capture = None  # a list, to receive this layer's queries and keys after RoPE (qk_states.py, Fig. 5)
 
     def attention(self, x, cos, sin, bias, kv=None, pos=0):
         B, T, C = x.shape
@@ -152,6 +152,8 @@ class Block(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.capture is not None:
+            self.capture += [q, k]
         if kv is not None:  # these T tokens sit at positions pos..pos+T-1 of a cached sequence
             kv[0][:, :, pos:pos + T], kv[1][:, :, pos:pos + T] = k, v  # their keys/values replace the kept ones
             end = pos + T if self.causal else None  # causal: the keys so far; bidirectional: all, stale ones too
@@ -206,11 +208,11 @@ class LLaDA(nn.Module):
         return [[w.new_zeros(shape), w.new_zeros(shape)] for _ in self.transformer.blocks]
 
     def hidden_states(self, ids, attention_mask=None, cache=None, pos=0):
-        """(B, T) -> (B, T, C) before the final norm. attention_mask (B, T_all), 1 = token, 0 = left padding,
-        masks those keys with an additive bias, as the official Oct-2025 revision does; positions are not shifted.
-        With a cache (new_cache), `ids` are the tokens at positions pos..pos+T-1 of the cached sequence: their
-        keys/values are written there and they attend to all the cache's (causal: to the first pos+T), so a
-        forward can feed only the tokens that changed (Fast-dLLM), or one new token (the classic KV cache)."""
+        """(B, T) -> (B, T, C) before the final norm. attention_mask (B, T_all), 1 = token, 0 = left padding, masks
+        those keys with an additive bias, as the official Oct-2025 revision does; positions are not shifted. With a
+        cache (new_cache), `ids` are the tokens at positions pos..pos+T-1 of the cached sequence: their keys/values
+        are written there and they attend to all the cache's (causal: the first pos+T), so a forward can feed only
+        the tokens that changed (Fast-dLLM), or one new token (the classic KV cache)."""
         tr, T, c = self.transformer, ids.shape[1], self.config
         keys = T if cache is None else pos + T if c.causal else cache[0][0].shape[2]  # how many keys attention sees
         x = tr.wte(ids)  # (B, T, C); no scaling, no position embedding, no time embedding
@@ -262,21 +264,19 @@ def shard_files(path):
 def load_model(path, device=None, dtype=None, rope_scale=1.0, rope_scaling=None, verbose=False):
     """Load a checkpoint folder (config.json + safetensors shards; LLaDA or HF LLaMA) straight onto `device`.
 
-    The model is built on the meta device (no memory, no random init of 8B parameters), each tensor is
-    read from its shard directly onto the target device and assigned as the parameter itself
-    (`assign=True`), so only one copy of the weights ever exists. Default dtype: bf16 on CUDA, fp32 on
-    CPU. `rope_scale` multiplies rope_theta (LongLLaDA's static NTK factor lambda); `rope_scaling`, a HF
-    rope_scaling dict such as {'rope_type': 'yarn', 'factor': 4.0}, replaces the checkpoint's own."""
-    t0 = time.time()
-    path = Path(path)
+    The model is built on the meta device (no memory, no random init of 8B parameters), each tensor is read from
+    its shard directly onto the target device and assigned as the parameter itself (`assign=True`), so only one
+    copy of the weights ever exists. Default dtype: bf16 on CUDA, fp32 on CPU. `rope_scale` multiplies rope_theta
+    (LongLLaDA's static NTK lambda); `rope_scaling`, a HF dict like {'rope_type': 'yarn', 'factor': 4.0}, replaces
+    the checkpoint's own."""
+    t0, path = time.time(), Path(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     config = read_config(path)
     config.rope_scaling = rope_scaling or config.rope_scaling
     with torch.device("meta"):
         model = LLaDA(config, rope_scale)
-    expected = {name: p.shape for name, p in model.state_dict().items()}
-    state = {}
+    expected, state = {name: p.shape for name, p in model.state_dict().items()}, {}
     for file in shard_files(path):
         with safe_open(file, framework="pt", device=str(device)) as f:
             for key in f.keys():

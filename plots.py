@@ -84,3 +84,21 @@ def niah_heatmap(grid, lengths, depths, title, out):
            yticklabels=[f"{d:g}%" for d in depths], xlabel="prompt length (tokens)", ylabel="needle depth")
     fig.colorbar(im, ax=[top, ax], label="score")
     fig.savefig(out, dpi=120)
+
+
+def qk_scatter(runs, out):
+    """Fig. 5: per run a column, queries above and keys below, each token a point placed by t-SNE and coloured by
+    its position; the colour bar marks the trained length. runs: dicts of positions, queries, keys (2-D), title,
+    train_len."""
+    fig, axes = pyplot().subplots(2, len(runs), figsize=(5.5 * len(runs), 9), squeeze=False)
+    for col, run in zip(axes.T, runs):
+        for ax, kind in zip(col, ("queries", "keys")):
+            dots = ax.scatter(*run[kind].T, c=run["positions"], cmap="viridis", s=4)
+            ax.set(xticks=[], yticks=[], title=f"{run['title']}: {kind}" if kind == "queries" else kind)
+        bar = fig.colorbar(dots, ax=list(col), label="position")
+        if run["train_len"] < run["positions"].max():
+            bar.ax.axhline(run["train_len"], color="red", lw=2)
+            bar.ax.text(1.5, run["train_len"], " trained\n length", color="red", fontsize=8, va="center",
+                        transform=bar.ax.get_yaxis_transform())
+    fig.suptitle("Last-layer query / key states after RoPE, t-SNE (LongLLaDA Fig. 5)")
+    fig.savefig(out, dpi=120)
