@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from model import UserError
+from model import UserError, load_model
 from rope import extrapolation_bound
 
 
@@ -219,3 +219,51 @@ def append_line(obj, out):
 def read_lines(path):
     """The JSON lines of a results file; none if there is no file yet."""
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def sampling_settings(args):
+    """What a generated answer depends on (model, RoPE, schedule, Fast-dLLM's settings), for a results file's rows,
+    and a name that tells runs apart: <model>_rope<scale>[_<method><factor>]_steps<n>[_<cache>][_t<threshold>]."""
+    scaling = args.rope_scaling
+    settings = dict(model=Path(args.model).name, rope_scale=args.rope_scale, rope_scaling=scaling, steps=args.steps,
+                    gen_length=args.gen_length, block_length=args.block_length, cache=args.cache,
+                    threshold=args.threshold)
+    tags = [f"rope{args.rope_scale:g}", scaling and f"{scaling['rope_type']}{scaling['factor']:g}",
+            f"steps{args.steps}", args.cache, args.threshold and f"t{args.threshold:g}"]
+    return settings, "_".join([settings["model"]] + [t for t in tags if t])
+
+
+def share_and_load(args, todo, longest):
+    """Under torchrun, this rank's share of `todo` (every world-th item), and the model if that share is not empty
+    (with a warning if `longest` tokens exceed its RoPE bound): (rank, world, share, model)."""
+    rank, world, device = distributed(args.device)
+    all_gather(None, world)  # barrier: every rank has read the results file before any rank appends to it
+    todo = todo[rank::world]
+    model = load_model(args.model, device, rope_scale=args.rope_scale, rope_scaling=args.rope_scaling,
+                       verbose=rank == 0) if todo else None
+    if model:
+        check_length(model, longest)
+    return rank, world, todo, model
+
+
+def pending(out, settings, items, key):
+    """Of `items`, those not yet in the results file `out` (key(row) names a row's item). A file made with other
+    settings is refused: a resumed grid must be the same experiment."""
+    rows = read_lines(out)
+    if any(r["settings"] != settings for r in rows):
+        raise UserError(f"{out} holds results with other settings; choose another --out")
+    done = {key(r) for r in rows}
+    return [item for item in items if item not in done]
+
+
+def append_rows(items, work, out, describe, rank=0, world=1):
+    """row = work(item) for each item, each appended to `out` as soon as it is done (a kill loses at most the one
+    in flight), with progress: describe(row) and the time left."""
+    t0, show = time.time(), progress(len(items))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for c, item in enumerate(items):
+        row = work(item)
+        append_line(row, out)
+        eta = (time.time() - t0) / (c + 1) * (len(items) - c - 1) / 60
+        show(c + 1, f"[rank {rank}] " * (world > 1) + f"sample {c + 1}/{len(items)}  {describe(row)}  "
+             f"ETA {eta:.1f} min")

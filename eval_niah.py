@@ -1,14 +1,13 @@
 """Needle-in-a-haystack grid with heatmaps (LongLLaDA Fig. 2, 3 and 6; protocol in REFERENCE.md section 5)."""
 import re
-import time
 from pathlib import Path
 
 import torch
 
-from cli import (ArgumentParser, all_gather, append_line, check_length, decode_answer, distributed, load_tokenizer,
-                 model_flags, parse_lengths, progress, read_lines, rope_label, run_cli, schedule_flags)
+from cli import (ArgumentParser, all_gather, append_rows, decode_answer, load_tokenizer, model_flags, parse_lengths,
+                 pending, read_lines, rope_label, run_cli, sampling_settings, schedule_flags, share_and_load)
 from haystack import read_book, sample_prompt
-from model import UserError, load_model, read_config
+from model import UserError, read_config
 from plots import niah_heatmap
 from sample import check_schedule, generate
 
@@ -76,42 +75,26 @@ def main():
     if not read_config(args.model).causal:
         check_schedule(args.gen_length, args.block_length, args.steps)
     tok = load_tokenizer(args.model)
-    name, scaling = Path(args.model).name, args.rope_scaling
-    tags = [f"rope{args.rope_scale:g}", scaling and f"{scaling['rope_type']}{scaling['factor']:g}",
-            f"steps{args.steps}", args.cache, args.threshold and f"t{args.threshold:g}"]
-    out = Path(args.out or f"results/{'_'.join([name] + [t for t in tags if t])}.jsonl")
-    settings = dict(model=name, rope_scale=args.rope_scale, rope_scaling=scaling, steps=args.steps,
-                    gen_length=args.gen_length, block_length=args.block_length, cache=args.cache,
-                    threshold=args.threshold, haystack=Path(args.haystack).name if args.haystack else "generated",
-                    seed=args.seed)
-    rows = read_lines(out)
-    if any(r["settings"] != settings for r in rows):  # never mix runs with different settings
-        raise UserError(f"{out} holds results with other settings; choose another --out")
-    done = {(r["length"], r["depth"], r["repeat"]) for r in rows}
-    todo = [(n, d, i) for n in lengths for d in depths for i in range(args.repeats) if (n, d, i) not in done]
+    settings, name = sampling_settings(args)
+    settings |= dict(haystack=Path(args.haystack).name if args.haystack else "generated", seed=args.seed)
+    out = Path(args.out or f"results/{name}.jsonl")
+    todo = pending(out, settings, [(n, d, i) for n in lengths for d in depths for i in range(args.repeats)],
+                   key=lambda r: (r["length"], r["depth"], r["repeat"]))
     book = read_book(args.haystack)
     for n in {min(lengths), max(lengths)}:  # a too short length or haystack fails now, not after loading
         sample_prompt(tok, book, args.seed, n, 50, 0)
-    rank, world, device = distributed(args.device)
-    all_gather(None, world)  # barrier: every rank has read the file before any rank appends to it
-    todo = todo[rank::world]  # under torchrun: a disjoint share of what is not done yet
-    model = load_model(args.model, device, rope_scale=args.rope_scale, rope_scaling=scaling, verbose=rank == 0) \
-        if todo else None
-    if model:
-        check_length(model, max(n for n, _, _ in todo) + args.gen_length)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    t0, show = time.time(), progress(len(todo))
-    for c, (n, d, i) in enumerate(todo):
-        ids, item, needle = sample_prompt(tok, book, args.seed, n, d, i)
+    rank, world, todo, model = share_and_load(args, todo, max(lengths) + args.gen_length)
+
+    def sample(item):
+        n, d, i = item
+        ids, keyword, needle = sample_prompt(tok, book, args.seed, n, d, i)
         out_ids = generate(model, torch.tensor([ids], device=model.device), None, args.steps, args.gen_length,
                            args.block_length, cache=args.cache, threshold=args.threshold)
         prediction = decode_answer(tok, model, out_ids[0, n:])
-        row = dict(settings=settings, length=n, depth=d, repeat=i, prediction=prediction,
-                   score=score(prediction, item, needle))
-        append_line(row, out)  # each sample is kept as soon as it is done
-        eta = (time.time() - t0) / (c + 1) * (len(todo) - c - 1) / 60
-        show(c + 1, f"[rank {rank}] " * (world > 1) + f"sample {c + 1}/{len(todo)}  {n} tokens, depth {d}%: "
-             f"{row['score']:.0f}  ETA {eta:.1f} min  ")
+        return dict(settings=settings, length=n, depth=d, repeat=i, prediction=prediction,
+                    score=score(prediction, keyword, needle))
+    append_rows(todo, sample, out, lambda r: f"{r['length']} tokens, depth {r['depth']}%: {r['score']:.0f}", rank,
+                world)
     all_gather(None, world)  # every rank has finished; rank 0 draws the whole grid
     if rank == 0 and out.exists():
         plot(out)

@@ -13,6 +13,12 @@ def pyplot():
     return plt
 
 
+def save(fig, out):
+    """Write the figure and free it: pyplot keeps every open figure alive until it is closed."""
+    fig.savefig(out, dpi=120)
+    pyplot().close(fig)
+
+
 def rope_rotations(models, span, out):
     """Fig. 4: cos/sin of m * theta_j against relative position m for a high-, a mid- and a low-frequency
     dim. Bidirectional training covers [-(T-1), T-1]; causal training only [0, T-1]. models: (name, head_dim,
@@ -34,7 +40,7 @@ def rope_rotations(models, span, out):
         row[0].set_ylabel(f"trained [{lo}, {hi}]")
     fig.suptitle("RoPE angles seen in training (white) and not (grey): bidirectional vs causal (LongLLaDA Fig. 4)")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    save(fig, out)
 
 
 def rope_stretch(name, targets, theta, d_extra, out):
@@ -54,7 +60,7 @@ def rope_stretch(name, targets, theta, d_extra, out):
     axes[0][0].set_ylabel("wavelength stretch (theta_j / theta'_j)")
     fig.suptitle(f"{name}: how each RoPE scaling method stretches each dimension's wavelength")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    save(fig, out)
 
 
 def ppl_curves(curves, train_lens, out):
@@ -68,7 +74,7 @@ def ppl_curves(curves, train_lens, out):
     ax.set(xlabel="context length (tokens)", ylabel="perplexity (cumulative)", title="Perplexity vs context length")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    save(fig, out)
 
 
 def niah_heatmap(grid, lengths, depths, title, out):
@@ -83,7 +89,7 @@ def niah_heatmap(grid, lengths, depths, title, out):
     ax.set(xticks=range(len(lengths)), xticklabels=names, yticks=range(len(depths)),
            yticklabels=[f"{d:g}%" for d in depths], xlabel="prompt length (tokens)", ylabel="needle depth")
     fig.colorbar(im, ax=[top, ax], label="score")
-    fig.savefig(out, dpi=120)
+    save(fig, out)
 
 
 def qk_scatter(runs, out):
@@ -101,4 +107,23 @@ def qk_scatter(runs, out):
             bar.ax.text(1.5, run["train_len"], " trained\n length", color="red", fontsize=8, va="center",
                         transform=bar.ax.get_yaxis_transform())
     fig.suptitle("Last-layer query / key states after RoPE, t-SNE (LongLLaDA Fig. 5)")
-    fig.savefig(out, dpi=120)
+    save(fig, out)
+
+
+def ruler_table(grid, rows, lengths, n_tasks, title, out):
+    """LongLLaDA Table 2 as a picture: scores (rows, lengths), the tasks first, then the averaged columns below a
+    line; colours 0 to 100, each cell written out (a dash where nothing ran)."""
+    fig, ax = pyplot().subplots(figsize=(1.4 * len(lengths) + 3.5, 0.38 * len(rows) + 1.6))
+    ax.imshow(grid.numpy(), cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(lengths)):
+            value = grid[i, j].item()
+            ax.text(j, i, "-" if math.isnan(value) else f"{value:.1f}", ha="center", va="center", fontsize=8,
+                    fontweight="bold" if i >= n_tasks else None)
+    ax.axhline(n_tasks - 0.5, color="black", lw=1.5)
+    names = [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths]
+    ax.set(xticks=range(len(lengths)), xticklabels=names, yticks=range(len(rows)), yticklabels=rows,
+           xlabel="context length (tokens)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    save(fig, out)
