@@ -80,19 +80,6 @@ def test_threshold_extremes(tiny, fast):
         assert len(calls) == forwards and (out != 380).all()
 
 
-def test_left_padded_batch_with_cache_equals_single_runs(tiny):
-    g = torch.Generator().manual_seed(3)
-    a, b = torch.randint(0, 370, (1, 12), generator=g), torch.randint(0, 370, (1, 7), generator=g)
-    batch = torch.cat([a, torch.cat([torch.full((1, 5), 381), b], 1)])
-    mask = torch.ones_like(batch)
-    mask[1, :5] = 0
-    for cache in ("prefix", "dual"):
-        kw = dict(steps=8, gen_length=16, block_length=8, cache=cache)
-        out = generate(tiny, batch, attention_mask=mask, **kw)
-        assert torch.equal(out[0, 12:], generate(tiny, a, **kw)[0, 12:])
-        assert torch.equal(out[1, 12:], generate(tiny, b, **kw)[0, 7:])
-
-
 def test_cfg_temperature_and_random_remasking_with_caches(tiny, expected):
     prompt = expected["generate.4.prompt"]
     for cache in ("prefix", "dual"):

@@ -66,13 +66,14 @@ def test_seeded_temperature_is_reproducible_and_random_remasking_works(tiny, exp
     assert not torch.equal(orders[0], orders[1])
 
 
-def test_left_padded_batch_equals_single_runs(tiny):
+@pytest.mark.parametrize("cache", [None, "prefix", "dual"])  # Fast-dLLM's caches keep the pads masked too
+def test_left_padded_batch_equals_single_runs(tiny, cache):
     g = torch.Generator().manual_seed(3)
     a, b = torch.randint(0, 370, (1, 12), generator=g), torch.randint(0, 370, (1, 7), generator=g)
     batch = torch.cat([a, torch.cat([torch.full((1, 5), 381), b], 1)])
     mask = torch.ones_like(batch)
     mask[1, :5] = 0
-    kw = dict(steps=8, gen_length=16, block_length=8)
+    kw = dict(steps=8, gen_length=16, block_length=8, cache=cache)
     out = generate(tiny, batch, attention_mask=mask, **kw)
     assert torch.equal(out[0, 12:], generate(tiny, a, **kw)[0, 12:])
     assert torch.equal(out[1, 12:], generate(tiny, b, **kw)[0, 7:])
