@@ -59,9 +59,8 @@ def report(out):
     tasks, lengths = [t for t in TASKS if any(t == k for k, _ in cells)], sorted({n for _, n in cells})
     names = list(dict.fromkeys(name for name, _ in columns))
     print(f"{'task':<16}" + "".join(f"{n:>9}" for n in lengths))
-    for label, table, keys in [(t, cells, t) for t in tasks] + [(c, columns, c) for c in names]:
-        print(f"{label:<16}" + "".join(f"{table[keys, n]:9.1f}" if (keys, n) in table else f"{'-':>9}"
-                                      for n in lengths))
+    for key, table in [(t, cells) for t in tasks] + [(c, columns) for c in names]:
+        print(f"{key:<16}" + "".join(f"{table[key, n]:9.1f}" if (key, n) in table else f"{'-':>9}" for n in lengths))
     s = rows[0]["settings"]
     title = f"{s['model']}, {rope_label(s)}, steps {s['steps']}, gen {s['gen_length']}: RULER (LongLLaDA Table 2)"
     grid = [[table.get((key, n), float("nan")) for n in lengths]

@@ -1,6 +1,7 @@
-"""The figures: RoPE angles (LongLLaDA Fig. 4) and scaling methods, perplexity curves (Fig. 1a) and needle heatmaps
-(Fig. 2, 3, 6). matplotlib is imported only when a figure is drawn, and draws to files only (no screen needed).
-Nothing here imports the project's other files: the scripts compute, this file draws."""
+"""The figures: RoPE angles (LongLLaDA Fig. 4) and scaling methods, perplexity curves (Fig. 1a), needle heatmaps
+(Fig. 2, 3, 6), query/key t-SNE (Fig. 5) and RULER's table (Table 2). matplotlib is imported only when a figure is
+drawn, and draws to files only (no screen needed). Nothing here imports the project's other files: the scripts
+compute, this file draws."""
 import math
 
 import torch

@@ -203,8 +203,14 @@ def prompt_tokens(tok, text):
 
 def haystack_size(task, tok, length, seed, index, book=None, qa_data=None):
     """The largest haystack n whose prompt fits the budget (doubling, then bisection; more haystack, more tokens)."""
-    limit = dict(cwe=len(WORDS) - 50, qa_1=qa_data and len(qa_data[1]), qa_2=qa_data and len(qa_data[1])).get(task)
-    limit = len(book) if book and NIAH.get(task, ("",))[0] == "essay" else limit or budget(task, length)
+    if task == "cwe":
+        limit = len(WORDS) - 50  # the words left besides the example's 40 and the 10 common ones
+    elif task.startswith("qa"):
+        limit = len(qa_data[1])  # every document of the file
+    elif book and NIAH.get(task, [None])[0] == "essay":
+        limit = len(book)  # every sentence of --haystack
+    else:
+        limit = budget(task, length)  # a unit is at least one token
 
     def fits(n):
         return prompt_tokens(tok, prompt_text(task, seed, index, length, n, book, qa_data)[0]) <= budget(task, length)
