@@ -86,6 +86,13 @@ def device_flag(name):
     return name
 
 
+def cache_flag(text):
+    """'none' -> None; 'prefix' and 'dual' stay: sample.generate's `cache`."""
+    if text not in ("none", "prefix", "dual"):
+        raise argparse.ArgumentTypeError(f"expected none, prefix or dual, got {text!r}")
+    return None if text == "none" else text
+
+
 def model_flags(p, required=False):
     """The flags of every script that loads a model."""
     p.add_argument("--model", required=required, help="checkpoint folder (config.json, safetensors, tokenizer.json)")
@@ -100,9 +107,8 @@ def schedule_flags(p, gen_length, steps, block_length):
     p.add_argument("--gen-length", type=int, default=gen_length, help="answer length in tokens")
     p.add_argument("--steps", type=int, default=steps, help="denoising steps in total")
     p.add_argument("--block-length", type=int, default=block_length, help="semi-autoregressive block length")
-    p.add_argument("--cache", type=lambda s: None if s == "none" else s, choices=[None, "prefix", "dual"],
-                   metavar="{none,prefix,dual}", help="Fast-dLLM's approximate key/value cache (not the paper's "
-                   "protocol; default none); for a causal model an exact KV cache")
+    p.add_argument("--cache", type=cache_flag, metavar="{none,prefix,dual}", help="Fast-dLLM's approximate key/value "
+                   "cache (not the paper's protocol; default none); for a causal model an exact KV cache")
     p.add_argument("--threshold", type=number("the threshold", lambda x: 0 < x <= 1, "in (0, 1]"),
                    help="Fast-dLLM's parallel decoding: reveal every token at least this confident (e.g. 0.9)")
 
