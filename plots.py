@@ -14,6 +14,11 @@ def pyplot():
     return plt
 
 
+def length_names(lengths):
+    """Tick labels for token lengths: 16384 -> '16k', 20000 -> '20000'."""
+    return [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths]
+
+
 def save(fig, out):
     """Write the figure and free it: pyplot keeps every open figure alive until it is closed."""
     fig.savefig(out, dpi=120)
@@ -86,8 +91,7 @@ def niah_heatmap(grid, lengths, depths, title, out):
     top.plot(range(len(lengths)), grid.nanmean(0).numpy(), "k.-")
     top.set(ylim=(-5, 105), ylabel="mean over depths")
     top.set_title(title, fontsize=9)
-    names = [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths]
-    ax.set(xticks=range(len(lengths)), xticklabels=names, yticks=range(len(depths)),
+    ax.set(xticks=range(len(lengths)), xticklabels=length_names(lengths), yticks=range(len(depths)),
            yticklabels=[f"{d:g}%" for d in depths], xlabel="prompt length (tokens)", ylabel="needle depth")
     fig.colorbar(im, ax=[top, ax], label="score")
     save(fig, out)
@@ -122,8 +126,7 @@ def ruler_table(grid, rows, lengths, n_tasks, title, out):
             ax.text(j, i, "-" if math.isnan(value) else f"{value:.1f}", ha="center", va="center", fontsize=8,
                     fontweight="bold" if i >= n_tasks else None)
     ax.axhline(n_tasks - 0.5, color="black", lw=1.5)
-    names = [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths]
-    ax.set(xticks=range(len(lengths)), xticklabels=names, yticks=range(len(rows)), yticklabels=rows,
+    ax.set(xticks=range(len(lengths)), xticklabels=length_names(lengths), yticks=range(len(rows)), yticklabels=rows,
            xlabel="context length (tokens)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()

@@ -42,13 +42,19 @@ TEMPLATES = dict(  # (template, answer prefix); the prompt ends exactly at the p
         "Only give me the answer and do not output any other words.\n\nQuestion: {query}", " Answer:"))
 
 
+def distinct(n, draw):
+    """The first n different values that draw() returns, in the order drawn."""
+    found = {}
+    while len(found) < n:
+        found.setdefault(draw())
+    return list(found)
+
+
 def pseudo_words(n=10000, seed=0):
     """The project's own word source (RULER uses the `wonderwords` lists): n distinct lowercase words of 2-3
     consonant-vowel syllables, the same for every model and run."""
-    syllables, rng, words = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"], random.Random(seed), set()
-    while len(words) < n:
-        words.add("".join(rng.choice(syllables) for _ in range(rng.choice((2, 3)))))
-    return sorted(words)
+    syllables, rng = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"], random.Random(seed)
+    return sorted(distinct(n, lambda: "".join(rng.choice(syllables) for _ in range(rng.choice((2, 3))))))
 
 
 WORDS = pseudo_words()
@@ -68,9 +74,7 @@ def niah(task, rng, n, book=None):
     depths of 40 evenly spaced ones, at sentence boundaries), or among n noise lines or n distractor needles (at
     random lines)."""
     hay, key_kind, kind, n_keys, n_values, n_queries = NIAH[task]
-    keys = []
-    while len(keys) < n_keys:
-        keys += [k for k in [draw(key_kind, rng)] if k not in keys]
+    keys = distinct(n_keys, lambda: draw(key_kind, rng))
     values = [[draw(kind, rng) for _ in range(n_values)] for _ in keys]
     needles = [f"One of the special magic {kind} for {k} is: {v}." for k, vs in zip(keys, values) for v in vs]
     rng.shuffle(needles)
@@ -97,9 +101,7 @@ def niah(task, rng, n, book=None):
 def vt(rng, n):
     """One chain of 5 variables (5 random capitals each), `VAR A = 12345` then `VAR B = VAR A` ..., in order
     among n noise lines; the answer is the 5 names."""
-    names = []
-    while len(names) < 5:
-        names += [v for v in ["".join(rng.choices(string.ascii_uppercase, k=5))] if v not in names]
+    names = distinct(5, lambda: "".join(rng.choices(string.ascii_uppercase, k=5)))
     value = str(rng.randint(10000, 99999))
     lines = [NOISE] * n
     statements = [f"VAR {names[0]} = {value}"] + [f"VAR {b} = VAR {a}" for a, b in zip(names, names[1:])]
@@ -128,9 +130,7 @@ def cwe(rng, n, short=False):
 def fwe(rng, n, vocab_size):
     """Coded text: vocab_size random 6-letter words, the one of rank k repeated floor(N k^-2 / zeta(2)) times for
     N = 100 + n words (Zipf), rank 1 written as '...' (noise), shuffled; the answer is ranks 2-4."""
-    vocab = []
-    while len(vocab) < vocab_size:
-        vocab += [w for w in ["".join(rng.choices(string.ascii_lowercase, k=6))] if w not in vocab]
+    vocab = distinct(vocab_size, lambda: "".join(rng.choices(string.ascii_lowercase, k=6)))
     vocab[0] = "..."
     text = [w for k, w in enumerate(vocab, 1) for _ in range(int((100 + n) * k ** -2 / 1.6449))]
     rng.shuffle(text)
