@@ -6,6 +6,7 @@ import math
 import os
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -65,11 +66,28 @@ positive = number("the value", lambda x: x > 0, "a finite number > 0")
 non_negative = number("the value", lambda x: x >= 0, "a finite number >= 0")
 
 
+def count(text):
+    """An argparse type: an integer >= 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
 def rope_scaling_flag(text):
-    """'yarn:4' -> {'rope_type': 'yarn', 'factor': 4.0}, a HF rope_scaling dict (llama3 comes from config.json)."""
+    """'yarn:4' -> {'rope_type': 'yarn', 'factor': 4.0}, a HF rope-scaling dict; or FILE.json holding such a dict
+    (any method, e.g. LongRoPE's factor lists), with the file's name added under 'file' (model.py ignores it)."""
+    if text.endswith(".json"):
+        try:
+            s = json.loads(Path(text).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise argparse.ArgumentTypeError(f"cannot read a rope-scaling dict from {text}: {e}") from None
+        if not isinstance(s, dict) or not isinstance(s.get("rope_type", s.get("type")), str):
+            raise argparse.ArgumentTypeError(f"{text} holds no HF rope-scaling dict (one with a rope_type)")
+        return s | dict(file=Path(text).name)
     kind, _, factor = text.partition(":")
     if kind not in ("linear", "dynamic", "yarn"):
-        raise argparse.ArgumentTypeError(f"expected TYPE:FACTOR with TYPE linear, dynamic or yarn, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected TYPE:FACTOR with TYPE linear, dynamic or yarn, or a .json file, "
+                                         f"got {text!r}")
     return dict(rope_type=kind, factor=number("FACTOR", lambda x: x > 0, "a finite number > 0")(factor))
 
 
@@ -97,13 +115,18 @@ def model_flags(p, required=False):
     """The flags of every script that loads a model."""
     p.add_argument("--model", required=required, help="checkpoint folder (config.json, safetensors, tokenizer.json)")
     p.add_argument("--rope-scale", type=positive, default=1.0, help="static NTK factor lambda (python rope.py)")
-    p.add_argument("--rope-scaling", type=rope_scaling_flag, metavar="TYPE:FACTOR",
-                   help="a RoPE scaling method: linear (PI), dynamic (NTK) or yarn, e.g. yarn:4 (after --rope-scale)")
+    p.add_argument("--rope-scaling", type=rope_scaling_flag, metavar="TYPE:FACTOR|FILE.json",
+                   help="a RoPE scaling method: linear (PI), dynamic (NTK) or yarn, e.g. yarn:4, or a JSON file with a "
+                   "HF rope-scaling dict (any method, LongRoPE too); applied after --rope-scale")
     p.add_argument("--device", type=device_flag, help="cuda, cpu, ... (default: cuda if available)")
 
 
+DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")  # Dream's reveal rules (sample.diffusion_generate)
+
+
 def schedule_flags(p, gen_length, steps, block_length):
-    """The flags of sample.generate: its schedule with a script's defaults, and Fast-dLLM's approximations."""
+    """The samplers' flags: the schedule with a script's defaults, Fast-dLLM's approximations (LLaDA), the
+    temperature, and Dream's rule with the paper's settings (sample.answer reads them)."""
     p.add_argument("--gen-length", type=int, default=gen_length, help="answer length in tokens")
     p.add_argument("--steps", type=int, default=steps, help="denoising steps in total")
     p.add_argument("--block-length", type=int, default=block_length, help="semi-autoregressive block length")
@@ -111,12 +134,26 @@ def schedule_flags(p, gen_length, steps, block_length):
                    "cache (not the paper's protocol; default none); for a causal model an exact KV cache")
     p.add_argument("--threshold", type=number("the threshold", lambda x: 0 < x <= 1, "in (0, 1]"),
                    help="Fast-dLLM's parallel decoding: reveal every token at least this confident (e.g. 0.9)")
+    p.add_argument("--temperature", type=non_negative, help="sampling temperature (default: the paper's, 0 = greedy "
+                   "for LLaDA, 0.2 for Dream)")
+    p.add_argument("--alg", default="entropy", choices=DREAM_ALGS,
+                   help="Dream: which masked tokens a step reveals")
+    p.add_argument("--top-p", type=number("--top-p", lambda x: 0 < x <= 1, "in (0, 1]"), default=0.95,
+                   help="Dream: nucleus sampling")
+    p.add_argument("--top-k", type=count, default=50, help="Dream: sample among the k likeliest tokens (transformers "
+                   "4.x's default, which the paper's calls got)")
+
+
+def scaling_words(s, joiner):
+    """A rope-scaling dict in short: its type, factor (after `joiner`) and file: 'yarn x4', 'longrope4-longdllm'."""
+    kind, factor, file = s.get("rope_type", s.get("type")), s.get("factor"), s.get("file")
+    return kind + (f"{joiner}{factor:g}" if factor else "") + (f"-{Path(file).stem}" if file else "")
 
 
 def rope_label(settings):
     """A results file's RoPE settings in words: 'rope_scale 14', 'rope_scale 1, yarn x4'."""
     s = settings.get("rope_scaling")
-    return f"rope_scale {settings['rope_scale']:g}" + (f", {s['rope_type']} x{s['factor']:g}" if s else "")
+    return f"rope_scale {settings['rope_scale']:g}" + (f", {scaling_words(s, ' x')}" if s else "")
 
 
 def parse_lengths(text):
@@ -173,13 +210,43 @@ def load_tokenizer(folder):
     return Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
 
 
-def special_ends(tok):
-    """The ids that the tokenizer's post-processor puts before and after a text by default, as tok.encode(text)
-    does: ([<|begin_of_text|>], []) for LLaMA-3, ([], []) for LLaDA. The paper's scripts encoded with those
-    defaults; prompts assembled from pieces get them here."""
+# What the paper's scripts fed each family beyond its text. LongLLaDA's Dream wrapper prepends "<|beginoftext|>" as
+# text to NIAH and RULER prompts (Dream's tokenizer adds no BOS of its own); the chat templates (sample.py --chat, one
+# user turn) bring their own begin-of-text, LLaDA's and LLaMA-3's, or none (Dream: Qwen2.5's, with its system turn).
+PROMPT_BOS = dict(dream="<|beginoftext|>")
+CHAT_TEMPLATES = dict(
+    llada="<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|><|start_header_id|>assistant"
+          "<|end_header_id|>\n\n",
+    llama="<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|><|start_header_id|>assistant"
+          "<|end_header_id|>\n\n",
+    dream="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+          "<|im_start|>assistant\n")
+
+
+def prompt_ids(tok, config, text, chat=False):
+    """A prompt as the tokenizer encodes it by default (LLaMA-3 adds its BOS, LLaDA and Dream nothing), or wrapped
+    in the model's chat template, which brings its own begin-of-text."""
+    chat = chat and CHAT_TEMPLATES[config.model_type].format(text.strip())
+    return tok.encode(chat or text, add_special_tokens=not chat).ids
+
+
+def special_ends(tok, text_before=""):
+    """The ids that go before and after a prompt's text: what the tokenizer's post-processor adds by default, as
+    tok.encode(text) does ([<|begin_of_text|>] for LLaMA-3, nothing for LLaDA and Dream), then `text_before`'s ids
+    (PROMPT_BOS). The paper's scripts encoded with those defaults; prompts assembled from pieces get them here."""
     probe = tok.encode("x")
     text = [i for i, s in enumerate(probe.sequence_ids) if s is not None]
-    return probe.ids[:text[0]], probe.ids[text[-1] + 1:]
+    before = probe.ids[:text[0]] + tok.encode(text_before, add_special_tokens=False).ids
+    return before, probe.ids[text[-1] + 1:]
+
+
+def show_steps(tok, mask_id, start):
+    """An on_step(x, step) for the samplers that prints the answer of row 0 (from `start`) after every step, masked
+    positions as a block; on a terminal redrawn in place."""
+    def show(x, step):
+        cells = ["░" if t == mask_id else tok.decode([t]) for t in x[0, start:].tolist()]
+        print(("\033[2J\033[H" if sys.stdout.isatty() else "") + f"[step {step}]\n" + "".join(cells))
+    return show
 
 
 def decode_answer(tok, model, answer):
@@ -227,16 +294,48 @@ def read_lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def sampling_settings(args):
-    """What a generated answer depends on (model, RoPE, schedule, Fast-dLLM's settings), for a results file's rows,
-    and a name that tells runs apart: <model>_rope<scale>[_<method><factor>]_steps<n>[_<cache>][_t<threshold>]."""
-    scaling = args.rope_scaling
+def check_schedule(gen_length, block_length, steps, cache=None, threshold=None):
+    """The number of blocks of LLaDA's generate, after checking that blocks tile the answer and steps split evenly
+    over them (and Fast-dLLM's settings: a cache of None, 'prefix' or 'dual', a threshold in (0, 1] or None)."""
+    num_blocks = gen_length // max(block_length, 1)
+    if min(block_length, num_blocks, steps) < 1 or gen_length % block_length or steps % num_blocks \
+            or steps > gen_length:
+        raise UserError(f"need gen_length ({gen_length}) = k * block_length ({block_length}) and steps ({steps}) "
+                        f"= n * {num_blocks} block(s), with 1 <= n <= {block_length}")
+    if cache not in (None, "prefix", "dual") or threshold is not None and not 0 < threshold <= 1:
+        raise UserError(f"need cache None, 'prefix' or 'dual' (got {cache!r}), threshold None or in (0, 1]")
+    return num_blocks
+
+
+def sampling_settings(args, config):
+    """What a generated answer depends on (model, RoPE, schedule, Fast-dLLM's or Dream's settings), for a results file's
+    rows, and a name that tells runs apart: <model>_rope<scale>[_<method>]_steps<n>[_<cache>][_t<threshold>][_<alg>
+    <temperature>]. Dream's rule is recorded for Dream only, a temperature for LLaDA only when above 0. Checked here,
+    before any weight is read: LLaDA's schedule (check_schedule); Dream's sampler has no blocks, caches or threshold."""
+    scaling, dream = args.rope_scaling, config.model_type == "dream"
+    if config.model_type == "llada":
+        check_schedule(args.gen_length, args.block_length, args.steps)
+    if dream and (args.cache or args.threshold or min(args.steps, args.gen_length) < 1):
+        raise UserError("Dream's sampler needs --steps and --gen-length >= 1 and takes no --cache or --threshold "
+                        "(Fast-dLLM's caches are implemented for LLaDA only)")
     settings = dict(model=Path(args.model).name, rope_scale=args.rope_scale, rope_scaling=scaling, steps=args.steps,
                     gen_length=args.gen_length, block_length=args.block_length, cache=args.cache,
                     threshold=args.threshold)
-    tags = [f"rope{args.rope_scale:g}", scaling and f"{scaling['rope_type']}{scaling['factor']:g}",
-            f"steps{args.steps}", args.cache, args.threshold and f"t{args.threshold:g}"]
+    if dream:  # the paper's Dream runs: entropy, temperature 0.2, top_p 0.95 (top_k 50 from transformers 4.x)
+        settings |= dict(alg=args.alg, temperature=0.2 if args.temperature is None else args.temperature,
+                         top_p=args.top_p, top_k=args.top_k)
+    elif args.temperature and not config.causal:
+        settings["temperature"] = args.temperature
+    tags = [f"rope{args.rope_scale:g}", scaling and scaling_words(scaling, ""), f"steps{args.steps}", args.cache,
+            args.threshold and f"t{args.threshold:g}", "temperature" in settings and
+            f"{settings.get('alg', 'T')}{settings['temperature']:g}"]
     return settings, "_".join([settings["model"]] + [t for t in tags if t])
+
+
+def sample_seed(*key):
+    """A sampler seed from what names a sample, e.g. (seed, length, depth, repeat): the same on every rank and in
+    every rerun (crc32, not Python's salted hash)."""
+    return zlib.crc32(repr(key).encode())
 
 
 def share_and_load(args, todo, longest):

@@ -4,12 +4,13 @@ from pathlib import Path
 
 import torch
 
-from cli import (ArgumentParser, all_gather, append_rows, decode_answer, load_tokenizer, model_flags, parse_lengths,
-                 pending, read_lines, rope_label, run_cli, sampling_settings, schedule_flags, share_and_load)
+from cli import (PROMPT_BOS, ArgumentParser, all_gather, append_rows, decode_answer, load_tokenizer, model_flags,
+                 parse_lengths, pending, read_lines, rope_label, run_cli, sample_seed, sampling_settings,
+                 schedule_flags, share_and_load)
 from haystack import read_book, sample_prompt
 from model import UserError, read_config
 from plots import niah_heatmap
-from sample import check_schedule, generate
+from sample import answer
 
 
 def levenshtein(a, b):
@@ -42,7 +43,7 @@ def plot(results):
     grid = torch.tensor([[sum(cells[d, n]) / len(cells[d, n]) if (d, n) in cells else torch.nan for n in lengths]
                          for d in depths])  # (depths, lengths)
     s = rows[0]["settings"]
-    fast = "".join(f", {k} {s[k]}" for k in ("cache", "threshold") if s.get(k))  # Fast-dLLM's, if used
+    fast = "".join(f", {k} {s[k]}" for k in ("cache", "threshold", "alg", "temperature") if s.get(k))  # if used
     title = (f"{s['model']}, {rope_label(s)}, steps {s['steps']}, gen {s['gen_length']}{fast}, "
              f"{s['haystack']} haystack: overall {grid.nanmean():.2f}")
     niah_heatmap(grid, lengths, depths, title, results.with_suffix(".png"))
@@ -72,24 +73,22 @@ def main():
         raise UserError(f"bad --depths {args.depths!r}") from None
     if not args.model or not all(0 <= d <= 100 for d in depths) or args.repeats < 1:
         raise UserError("need --model, depths within 0 to 100, and --repeats of at least 1")
-    if not read_config(args.model).causal:
-        check_schedule(args.gen_length, args.block_length, args.steps)
-    tok = load_tokenizer(args.model)
-    settings, name = sampling_settings(args)
+    config, tok = read_config(args.model), load_tokenizer(args.model)
+    settings, name = sampling_settings(args, config)  # checked before any weight is read
+    bos = PROMPT_BOS.get(config.model_type, "")  # Dream: LongLLaDA's wrapper's "<|beginoftext|>"
     settings |= dict(haystack=Path(args.haystack).name if args.haystack else "generated", seed=args.seed)
     out = Path(args.out or f"results/{name}.jsonl")
     todo = pending(out, settings, [(n, d, i) for n in lengths for d in depths for i in range(args.repeats)],
                    key=lambda r: (r["length"], r["depth"], r["repeat"]))
     book = read_book(args.haystack)
     for n in {min(lengths), max(lengths)}:  # a too short length or haystack fails now, not after loading
-        sample_prompt(tok, book, args.seed, n, 50, 0)
+        sample_prompt(tok, book, args.seed, n, 50, 0, bos)
     rank, world, todo, model = share_and_load(args, todo, max(lengths) + args.gen_length)
 
     def sample(item):
         n, d, i = item
-        ids, keyword, needle = sample_prompt(tok, book, args.seed, n, d, i)
-        out_ids = generate(model, torch.tensor([ids], device=model.device), None, args.steps, args.gen_length,
-                           args.block_length, cache=args.cache, threshold=args.threshold)
+        ids, keyword, needle = sample_prompt(tok, book, args.seed, n, d, i, bos)
+        out_ids = answer(model, torch.tensor([ids], device=model.device), settings, sample_seed(args.seed, *item))
         prediction = decode_answer(tok, model, out_ids[0, n:])
         return dict(settings=settings, length=n, depth=d, repeat=i, prediction=prediction,
                     score=score(prediction, keyword, needle))

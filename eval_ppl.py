@@ -24,7 +24,8 @@ def chunk_nll(model, prefix, answer, mc_num=8, mask_id=None, batch=None, generat
 
     Each Monte-Carlo sample masks k ~ U{1..L} random answer positions and takes the mean cross-entropy
     over them; E[(1/k) sum_{i in S} CE_i] is the per-token bound E[(L/k) sum CE_i] / L. The samples go
-    through the model together (`batch` rows at most) and the LM head runs on the masked positions only."""
+    through the model together (`batch` rows at most) and the LM head runs on the masked positions only.
+    Dream's ELBO is the same with its shifted logits (the hidden state at i - 1 predicts token i)."""
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
     P, L, dev = len(prefix), len(answer), model.device
     masked = draw_masks(mc_num, L, generator)  # (mc, L)
@@ -33,7 +34,9 @@ def chunk_nll(model, prefix, answer, mc_num=8, mask_id=None, batch=None, generat
     for m in masked.to(dev).split(batch or mc_num):
         x = seq.repeat(len(m), 1)  # (n, P + L)
         x[:, P:][m] = mask_id
-        logits = model(x, logits_at=F.pad(m, (P, 0)))  # (N, V): one row per masked position
+        # (N, V): one row per masked position; for Dream the row before it, whose logits predict it (shifted)
+        shift = int(model.config.model_type == "dream")
+        logits = model(x, logits_at=F.pad(m, (P - shift, shift)))
         ce = F.cross_entropy(logits.float(), answer.expand_as(m)[m], reduction="none")
         per_sample = torch.zeros(m.shape, dtype=torch.float64, device=dev).masked_scatter_(m, ce.double())
         total += (per_sample.sum(1) / m.sum(1)).sum().item()

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import torch
 
-from cli import (ArgumentParser, all_gather, append_rows, decode_answer, load_tokenizer, model_flags, parse_lengths,
-                 pending, read_lines, rope_label, run_cli, sampling_settings, schedule_flags, share_and_load)
+from cli import (PROMPT_BOS, ArgumentParser, all_gather, append_rows, decode_answer, load_tokenizer, model_flags,
+                 parse_lengths, pending, read_lines, rope_label, run_cli, sample_seed, sampling_settings,
+                 schedule_flags, share_and_load)
 from haystack import read_book
 from model import UserError, read_config
 from plots import ruler_table
 from ruler_tasks import NIAH, TASKS, make_sample, read_qa
-from sample import check_schedule, generate
+from sample import answer
 
 GROUPS = dict(NIAH=list(NIAH), AGG=["vt", "cwe", "fwe"], QA=["qa_1", "qa_2"])  # Table 2's columns
 
@@ -89,14 +90,13 @@ def main():
     tasks = args.tasks.split(",")
     if not args.model or set(tasks) - set(TASKS) or args.samples < 1:
         raise UserError(f"need --model, --samples of at least 1 and --tasks among {','.join(TASKS)}")
-    if not read_config(args.model).causal:
-        check_schedule(args.gen_length, args.block_length, args.steps)
+    config = read_config(args.model)
+    settings, name = sampling_settings(args, config)  # checked before any weight is read
     files = dict(qa_1=args.squad, qa_2=args.hotpotqa)
     qa_data = {t: read_qa(f, hotpot=t == "qa_2") for t, f in files.items() if t in tasks and f}
     for t in [t for t in tasks if t in files and t not in qa_data]:
         print(f"{t}: not run (it needs --{'squad' if t == 'qa_1' else 'hotpotqa'} FILE)")
     tasks = [t for t in tasks if t not in files or t in qa_data]
-    settings, name = sampling_settings(args)
     settings |= dict(haystack=Path(args.haystack).name if args.haystack else "generated", seed=args.seed,
                      **{t: Path(files[t]).name for t in qa_data})
     out = Path(args.out or f"results/ruler_{name}.jsonl")
@@ -106,15 +106,14 @@ def main():
 
     def prompt(item):  # each sample from (seed, task, index) only: the same on any rank and in any rerun
         n, task, i = item
-        return make_sample(task, tok, n, args.seed, i, book, qa_data.get(task))
+        return make_sample(task, tok, n, args.seed, i, book, qa_data.get(task), PROMPT_BOS.get(config.model_type, ""))
     for task in tasks:  # a length too short for a task fails now, not after loading
         prompt((min(args.lengths), task, 0))
     rank, world, todo, model = share_and_load(args, todo, max(args.lengths))
 
     def sample(item):
         ids, answers = prompt(item)
-        out_ids = generate(model, torch.tensor([ids], device=model.device), None, args.steps, args.gen_length,
-                           args.block_length, cache=args.cache, threshold=args.threshold)
+        out_ids = answer(model, torch.tensor([ids], device=model.device), settings, sample_seed(args.seed, *item))
         prediction = decode_answer(tok, model, out_ids[0, len(ids):])
         return dict(settings=settings, length=item[0], task=item[1], index=item[2], prediction=prediction,
                     answers=answers, score=score(item[1], prediction, answers))

@@ -42,13 +42,14 @@ def generated_sentences(rng):
         yield rng.choice(TEMPLATES).format(Who=pick["who"].capitalize(), **pick)
 
 
-def build_prompt(tok, sentences, length, depth, island, needle):
+def build_prompt(tok, sentences, length, depth, island, needle, bos=""):
     """Exactly `length` token ids: scaffold + haystack, with the needle on its own line at the sentence
     boundary nearest `depth`% of the haystack, and what the tokenizer adds by default (LLaMA-3: its BOS) around
-    it all, counted in the length. `sentences`: token ids, one sentence each."""
+    it all, after the text `bos` (Dream's, cli.PROMPT_BOS), counted in the length. `sentences`: token ids, one
+    sentence each."""
     head, tail, needle = (tok.encode(t, add_special_tokens=False).ids
                           for t in (PROMPT[0], PROMPT[1].format(island), f"\n{needle}\n"))
-    before, after = special_ends(tok)
+    before, after = special_ends(tok, bos)
     head, tail = before + head, tail + after
     budget = length - len(head) - len(tail) - len(needle)
     if budget < 1:
@@ -66,7 +67,7 @@ def build_prompt(tok, sentences, length, depth, island, needle):
     return head + sum(pieces[:k], []) + needle + sum(pieces[k:], []) + tail
 
 
-def sample_prompt(tok, book, seed, length, depth, repeat):
+def sample_prompt(tok, book, seed, length, depth, repeat, bos=""):
     """One sample's prompt ids, keyword and needle. The draws depend on (seed, repeat) only: the same needle
     and haystack at every length and depth, on any rank. `book`: a file's sentences, or None (generated)."""
     rng = random.Random(f"{seed}-{repeat}")
@@ -75,7 +76,7 @@ def sample_prompt(tok, book, seed, length, depth, repeat):
     start = rng.randrange(max(len(book), 1)) if book is not None else 0  # each repeat from its own sentence
     text = book[start:] + book[:start] if book is not None else islice(generated_sentences(rng), length // 4)
     sentences = [e.ids for e in tok.encode_batch([" " + s for s in text], add_special_tokens=False)]
-    return build_prompt(tok, sentences, length, depth, island, needle), item, needle
+    return build_prompt(tok, sentences, length, depth, island, needle, bos), item, needle
 
 
 def read_book(path):

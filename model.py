@@ -2,7 +2,8 @@
 
 Read top to bottom: config -> RMSNorm -> attention + MLP -> block -> model -> loading. The forward pass follows
 the official `modeling_llada.py` op for op. Module names are the checkpoint's tensor names minus "model.", so
-loading is one strict `load_state_dict`. Hugging Face LLaMA checkpoints (the causal baseline) load too.
+loading is one strict `load_state_dict`. HF LLaMA (the causal baseline) and Dream (Qwen2.5 without the causal mask,
+q/k/v biases; the second diffusion family) load too, with their own names, RoPE dtype and padding convention.
 """
 import json
 import math
@@ -25,7 +26,7 @@ class UserError(ValueError):
 
 @dataclass
 class LLaDAConfig:
-    """Defaults are LLaDA-8B (Base, Instruct and 1.5 share them); `load_model` fills it from config.json."""
+    """Defaults are LLaDA-8B (Base, Instruct, 1.5); `load_model` fills it from config.json (LLaDA, LLaMA, Dream)."""
     d_model: int = 4096
     n_heads: int = 32
     n_kv_heads: int = 32
@@ -40,8 +41,11 @@ class LLaDAConfig:
     eos_token_id: int = 126081
     eot_token_id: int | None = 126348  # <|eot_id|> of the Instruct chat template; not in config.json
     pad_token_id: int = 126081
-    rope_scaling: dict | None = None  # a HF rope_scaling dict: PI, dynamic NTK, YaRN or LLaMA-3.1 (rope.py)
+    rope_scaling: dict | None = None  # a HF rope-scaling dict: PI, dynamic NTK, YaRN, LLaMA-3.1, LongRoPE (rope.py)
+    model_type: str = "llada"  # "llada", "llama" (HF LLaMA) or "dream" (Dream-v0, DiffuCoder: Qwen2 names)
     causal: bool = False  # True only for the autoregressive baseline (Hugging Face LLaMA checkpoints)
+    qkv_bias: bool = False  # Dream (Qwen2) has biases on q, k and v
+    rope_full_precision: bool = True  # LLaDA rotates in fp32; HF LLaMA and Dream in the activations' dtype
 
     @property
     def head_dim(self):
@@ -53,7 +57,14 @@ REQUIRED = dict(block_type="llama", activation_type="silu", layer_norm_type="rms
                 alibi=False, include_bias=False, include_qkv_bias=False, bias_for_layer_norm=False,
                 layer_norm_with_affine=True, rope=True, rope_full_precision=True, scale_logits=False,
                 input_emb_norm=False, attention_layer_norm=False, clip_qkv=None, block_group_size=1)
-LLAMA_REQUIRED = dict(hidden_act="silu", tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
+HF_REQUIRED = dict(llama=dict(hidden_act="silu", tie_word_embeddings=False, attention_bias=False, mlp_bias=False),
+                   dream=dict(hidden_act="silu", tie_word_embeddings=False, use_sliding_window=False))
+# Dream-v0 was trained on 2048-token sequences (Dream-org's figure, which LongLLaDA's Dream settings use: NTK lambda 5
+# for 4k); its config.json keeps Qwen2.5's max_position_embeddings, 131072, which Dream never trained at.
+DREAM_TRAINED_LENGTH = 2048
+# Keys HF requires per scaling method (`_validate_*_parameters`); T0 and yarn's / longrope's factor have defaults.
+SCALING_KEYS = dict(linear=["factor"], dynamic=["factor"], yarn=["factor"], longrope=["factor", "long_factor",
+                    "short_factor"], llama3=["factor", "low_freq_factor", "high_freq_factor"])
 
 
 def refuse_unsupported(cfg, required):
@@ -62,50 +73,62 @@ def refuse_unsupported(cfg, required):
             raise UserError(f"config.json: {key}={cfg[key]!r} is not implemented (this code supports {want!r})")
 
 
-def rope_scaling_config(scaling, max_len):
-    """A HF `rope_scaling` dict checked and completed (`rope_type`, `factor`, `original_max_position_embeddings`
-    default: the model's trained length max_len); None for no scaling."""
+def rope_scaling_config(scaling, max_len, head_dim):
+    """A HF rope-scaling dict checked and completed as transformers 5.x does it: `original_max_position_embeddings`
+    (T0) defaults to max_len (HF: max_position_embeddings; LLaDA and Dream: the trained length), a yarn or longrope
+    `factor` to max_len / T0 (a given one wins; 4.x ignores it for longrope). None for no scaling."""
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind == "default":
         return None
     if kind not in SCALING_METHODS:
         raise UserError(f"rope scaling {kind!r} is not implemented (this code has {', '.join(SCALING_METHODS)})")
-    s = dict(original_max_position_embeddings=max_len, low_freq_factor=1.0, high_freq_factor=4.0) | {
-        k: v for k, v in scaling.items() if v is not None}
-    s.setdefault("factor", max_len / s["original_max_position_embeddings"] if kind == "yarn" else None)  # HF's
-    for key in ["factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"]:
-        if not isinstance(s.get(key), (int, float)) or not math.isfinite(s[key]) or s[key] <= 0:
-            raise UserError(f"{kind} rope scaling needs a finite positive {key}, got {s.get(key)!r}")
-    if s["low_freq_factor"] >= s["high_freq_factor"]:
+    s = dict(original_max_position_embeddings=max_len) | {k: v for k, v in scaling.items() if v is not None}
+    if kind in ("yarn", "longrope"):
+        s.setdefault("factor", max_len / s["original_max_position_embeddings"])
+    for key in ["original_max_position_embeddings"] + SCALING_KEYS[kind]:
+        n = head_dim // 2 if key in ("long_factor", "short_factor") else None  # LongRoPE: one factor per pair
+        values = s.get(key) if n else [s.get(key)]
+        if not isinstance(values, list) or len(values) != (n or 1) or not all(
+                isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values):
+            raise UserError(f"{kind} rope scaling needs {f'a list of {n}' if n else 'a'} finite positive {key}, got "
+                            f"{str(s.get(key))[:80]}")
+    if kind == "llama3" and s["low_freq_factor"] >= s["high_freq_factor"]:
         raise UserError("llama3 rope scaling needs low_freq_factor < high_freq_factor")
     return s | dict(rope_type=kind)
 
 
-def llama_config(cfg):
-    """A Hugging Face LLaMA config.json (the autoregressive baseline of the paper) in this file's terms."""
+def hf_config(cfg, family):
+    """A Hugging Face config.json in this file's terms: LLaMA (the paper's autoregressive baseline) or Dream (Qwen2
+    field names, q/k/v biases, bidirectional)."""
     rope = cfg.get("rope_parameters") or {}  # transformers 5.x write base and scaling here instead of top level
     d, heads, eos = cfg["hidden_size"], cfg["num_attention_heads"], cfg.get("eos_token_id")
-    refuse_unsupported(cfg, LLAMA_REQUIRED | {"head_dim": d // heads})
+    refuse_unsupported(cfg, HF_REQUIRED[family] | {"head_dim": d // heads})
     eos = eos if isinstance(eos, list) else [eos]  # LLaMA-3 Instruct lists end-of-text and end-of-turn
+    scaling = cfg.get("rope_scaling") or rope
+    if scaling and cfg.get("original_max_position_embeddings"):  # Phi-3 style: T0 at the top level
+        scaling = dict(original_max_position_embeddings=cfg["original_max_position_embeddings"]) | scaling
+    dream, max_len = family == "dream", cfg["max_position_embeddings"]
     return LLaDAConfig(d_model=d, n_heads=heads, n_kv_heads=cfg.get("num_key_value_heads") or heads,
                        n_layers=cfg["num_hidden_layers"], mlp_hidden_size=cfg["intermediate_size"],
                        vocab_size=cfg["vocab_size"], embedding_size=cfg["vocab_size"],
                        rope_theta=cfg.get("rope_theta") or rope.get("rope_theta", 10000.0),
-                       max_sequence_length=cfg["max_position_embeddings"], rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                       mask_token_id=None, eos_token_id=eos[0], eot_token_id=eos[-1], pad_token_id=None,
-                       rope_scaling=cfg.get("rope_scaling") or rope, causal=True)
+                       max_sequence_length=min(max_len, DREAM_TRAINED_LENGTH) if dream else max_len,
+                       rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), mask_token_id=cfg.get("mask_token_id") if dream
+                       else None, eos_token_id=eos[0], eot_token_id=eos[-1], pad_token_id=cfg.get("pad_token_id"),
+                       rope_scaling=scaling, model_type=family, causal=not dream, qkv_bias=dream,
+                       rope_full_precision=False)
 
 
 def read_config(path):
-    """The checkpoint folder's config.json as an LLaDAConfig (LLaDA's format, or a HF LLaMA one)."""
+    """The checkpoint folder's config.json as an LLaDAConfig (LLaDA's format, or a HF LLaMA or Dream one)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UserError(f"no config.json in {path}" if path.is_dir() else f"model folder not found: {path}")
     cfg = json.loads((path / "config.json").read_text())
-    if cfg.get("model_type") == "llama":
-        return llama_config(cfg)
+    if cfg.get("model_type") in ("llama", "Dream"):
+        return hf_config(cfg, cfg["model_type"].lower())
     refuse_unsupported(cfg, REQUIRED | dict(model_type="llada"))
-    known = {f.name for f in fields(LLaDAConfig)} - {"causal"}  # a LLaDA config is bidirectional
+    known = {f.name for f in fields(LLaDAConfig)} - {"causal", "qkv_bias"}  # a LLaDA config is bidirectional
     config = LLaDAConfig(**{k: v for k, v in cfg.items() if k in known and v is not None})
     if cfg.get("mlp_hidden_size") is None:  # OLMo's fallback: mlp_ratio * d_model
         config.mlp_hidden_size = cfg.get("mlp_ratio", 4) * config.d_model
@@ -130,15 +153,15 @@ class RMSNorm(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: x + attn(attn_norm(x)), then x + mlp(ff_norm(x)). No biases anywhere."""
+    """Pre-norm block: x + attn(attn_norm(x)), then x + mlp(ff_norm(x)). No biases, but Dream's on q, k, v."""
 
     def __init__(self, c):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim, self.causal = c.n_heads, c.n_kv_heads, c.head_dim, c.causal
         self.attn_norm = RMSNorm(c.d_model, c.rms_norm_eps)
-        self.q_proj = nn.Linear(c.d_model, c.d_model, bias=False)
-        self.k_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=False)  # GQA: fewer key/value heads
-        self.v_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=False)
+        self.q_proj = nn.Linear(c.d_model, c.d_model, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)  # GQA: fewer key/value heads
+        self.v_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.attn_out = nn.Linear(c.d_model, c.d_model, bias=False)
         self.ff_norm = RMSNorm(c.d_model, c.rms_norm_eps)
         self.ff_proj = nn.Linear(c.d_model, c.mlp_hidden_size, bias=False)  # the gate (through SiLU)
@@ -160,7 +183,7 @@ class Block(nn.Module):
             k, v = kv[0][:, :, :end], kv[1][:, :, :end]  # (B, nkv, T_keys, hs)
         # LLaDA is bidirectional: every token sees every token, the defining change from LLaMA (causal).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=self.causal and bias is None and T > 1,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)  # GQA: LLaMA-3 only
+                                           enable_gqa=self.n_kv_heads != self.n_heads)  # GQA: LLaMA-3, Dream
         return self.attn_out(y.transpose(1, 2).reshape(B, T, C))  # (B, nh, T, hs) -> (B, T, C)
 
     def mlp(self, x):
@@ -176,7 +199,7 @@ class LLaDA(nn.Module):
         super().__init__()
         self.config = config
         self.rope_base = config.rope_theta * rope_scale  # LongLLaDA's static NTK: theta <- lambda * theta
-        self.rope_scaling = rope_scaling_config(config.rope_scaling, config.max_sequence_length)  # on that base
+        self.rope_scaling = rope_scaling_config(config.rope_scaling, config.max_sequence_length, config.head_dim)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.embedding_size, config.d_model),
             blocks=nn.ModuleList(Block(config) for _ in range(config.n_layers)),
@@ -209,16 +232,22 @@ class LLaDA(nn.Module):
 
     def hidden_states(self, ids, attention_mask=None, cache=None, pos=0):
         """(B, T) -> (B, T, C) before the final norm. attention_mask (B, T_all), 1 = token, 0 = left padding, masks
-        those keys with an additive bias, as the official Oct-2025 revision does; positions are not shifted. With a
-        cache (new_cache), `ids` are the tokens at positions pos..pos+T-1 of the cached sequence: their keys/values
-        are written there and they attend to all the cache's (causal: the first pos+T), so a forward can feed only
-        the tokens that changed (Fast-dLLM), or one new token (the classic KV cache)."""
+        those keys with an additive bias, as the official LLaDA (Oct 2025) and Dream code do; LLaDA's positions stay
+        0..T-1, Dream's count the tokens only (its sampler's cumsum(mask) - 1, pads at 1). With a cache (new_cache),
+        `ids` are the tokens at positions pos..pos+T-1 of the cached sequence: their keys/values are written there
+        and they attend to all the cache's (causal: the first pos+T), so a forward can feed only the tokens that
+        changed (Fast-dLLM), or one new token (the classic KV cache)."""
         tr, T, c = self.transformer, ids.shape[1], self.config
         keys = T if cache is None else pos + T if c.causal else cache[0][0].shape[2]  # how many keys attention sees
         x = tr.wte(ids)  # (B, T, C); no scaling, no position embedding, no time embedding
-        # RoPE once per forward (not once per layer), in fp32; dynamic NTK takes the number of keys as the length.
+        # RoPE once per forward (not once per layer), in fp32; dynamic NTK and LongRoPE look at the number of keys.
         inv, a = scaled_inv_freq(c.head_dim, self.rope_base, self.rope_scaling, c.max_sequence_length, keys, ids.device)
-        cos, sin = rope_cos_sin(pos, pos + T, inv, a)
+        positions = torch.arange(pos, pos + T, device=ids.device)  # (T,)
+        if attention_mask is not None and c.model_type == "dream":
+            positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)[:, pos:pos + T]  # (B, T)
+        cos, sin = rope_cos_sin(positions, inv, a)
+        if not c.rope_full_precision:  # HF casts cos and sin to the activations' dtype (bf16 in a bf16 run)
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         bias, low = None, torch.finfo(x.dtype).min
         if attention_mask is not None:
             bias = (1.0 - attention_mask[:, None, None, :keys].to(x.dtype)) * low  # (B, 1, 1, K): keys only
@@ -232,8 +261,8 @@ class LLaDA(nn.Module):
 
 # ----------------------------------------------------------------------------- loading
 
-# Hugging Face LLaMA tensor names -> this file's module names, replaced in this order (LLaDA's names only
-# lose "model."): model.layers.3.self_attn.o_proj.weight -> transformer.blocks.3.attn_out.weight.
+# Hugging Face LLaMA / Qwen2 (Dream) tensor names -> this file's module names, replaced in this order (LLaDA's names
+# only lose "model."): model.layers.3.self_attn.o_proj.weight -> transformer.blocks.3.attn_out.weight.
 HF_LLAMA_RENAMES = [("model.embed_tokens", "transformer.wte"), ("model.norm", "transformer.ln_f"),
                     ("lm_head", "transformer.ff_out"), ("model.layers", "transformer.blocks"),
                     ("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ff_norm"),
@@ -241,9 +270,9 @@ HF_LLAMA_RENAMES = [("model.embed_tokens", "transformer.wte"), ("model.norm", "t
                     ("mlp.up_proj", "up_proj"), ("mlp.down_proj", "ff_out")]
 
 
-def module_name(key, causal):
+def module_name(key, model_type):
     """Checkpoint tensor name -> module name (an unknown name stays unknown, to be reported)."""
-    if not causal:
+    if model_type == "llada":
         return key.removeprefix("model.")
     for old, new in HF_LLAMA_RENAMES:
         key = key.replace(old, new)
@@ -262,13 +291,14 @@ def shard_files(path):
 
 
 def load_model(path, device=None, dtype=None, rope_scale=1.0, rope_scaling=None, verbose=False):
-    """Load a checkpoint folder (config.json + safetensors shards; LLaDA or HF LLaMA) straight onto `device`.
+    """Load a checkpoint folder (config.json + safetensors shards; LLaDA, HF LLaMA or Dream) straight onto `device`.
 
     The model is built on the meta device (no memory, no random init of 8B parameters), each tensor is read from
     its shard directly onto the target device and assigned as the parameter itself (`assign=True`), so only one
     copy of the weights ever exists. Default dtype: bf16 on CUDA, fp32 on CPU. `rope_scale` multiplies rope_theta
     (LongLLaDA's static NTK lambda); `rope_scaling`, a HF dict like {'rope_type': 'yarn', 'factor': 4.0}, replaces
-    the checkpoint's own."""
+    the checkpoint's own. A Dream model returns raw logits, as DreamModel(...).logits: the hidden state at position i
+    predicts token i + 1 (the shift belongs to the sampler and the scorer)."""
     t0, path = time.time(), Path(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -282,7 +312,7 @@ def load_model(path, device=None, dtype=None, rope_scale=1.0, rope_scaling=None,
             for key in f.keys():
                 if key.endswith("rotary_emb.inv_freq"):  # a buffer older HF LLaMA files carry; RoPE is computed
                     continue
-                name = module_name(key, config.causal)
+                name = module_name(key, config.model_type)
                 if name not in expected:
                     raise UserError(f"unexpected tensor {key} in {file.name}")
                 if f.get_slice(key).get_shape() != list(expected[name]):

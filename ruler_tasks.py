@@ -226,11 +226,11 @@ def haystack_size(task, tok, length, seed, index, book=None, qa_data=None):
     return lo
 
 
-def make_sample(task, tok, length, seed, index, book=None, qa_data=None):
+def make_sample(task, tok, length, seed, index, book=None, qa_data=None, bos=""):
     """(prompt ids, answers) of sample `index` of `task` at `length` tokens, with the largest haystack that fits
-    (the ids include what the tokenizer adds by default, e.g. LLaMA-3's BOS). book: the sentences of --haystack
-    (default: generated prose); qa_data: read_qa() of the task's file."""
+    (the ids include what the tokenizer adds by default, e.g. LLaMA-3's BOS, after the text `bos`: Dream's,
+    cli.PROMPT_BOS). book: the sentences of --haystack (default: generated prose); qa_data: read_qa() of its file."""
     n = haystack_size(task, tok, length, seed, index, book, qa_data)
     text, answers = prompt_text(task, seed, index, length, n, book, qa_data)
-    before, after = special_ends(tok)
+    before, after = special_ends(tok, bos)
     return before + tok.encode(text, add_special_tokens=False).ids + after, answers

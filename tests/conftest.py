@@ -65,21 +65,28 @@ def ckpt_tok(ckpt_copy):
     return ckpt_copy
 
 
-def write_byte_tokenizer(folder, bos=False):
+# The same ids under LLaMA-3's names (its BOS 376 and EOS 381) and Dream's (EOS 376, BOS text 377, mask 380).
+LLAMA_SPECIALS = {376: "<|begin_of_text|>", 377: "<|start_header_id|>", 378: "<|end_header_id|>", 379: "<|eot_id|>",
+                  380: "<|reserved_special_token_0|>", 381: "<|end_of_text|>"}
+DREAM_SPECIALS = {376: "<|endoftext|>", 377: "<|beginoftext|>", 378: "<|im_start|>", 379: "<|im_end|>",
+                  380: "<|mask|>"}
+
+
+def write_byte_tokenizer(folder, bos=False, specials=SPECIALS):
     """A byte-level tokenizer.json: ids 0-255 are the bytes (GPT-2 style symbols), no merges, so any
-    English text encodes within the tiny fixture's vocabulary; specials as in write_tokenizer. With `bos`, its
-    post-processor puts <|startoftext|> (376) before every text by default, as LLaMA-3's tokenizer.json does."""
+    English text encodes within the tiny fixture's vocabulary; specials as in write_tokenizer (or given). With `bos`,
+    its post-processor puts id 376 before every text by default, as LLaMA-3's tokenizer.json does."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     byte_syms = sorted(alphabet, key=lambda ch: _byte_of(ch))
-    vocab = {ch: i for i, ch in enumerate(byte_syms)} | {t: i for i, t in SPECIALS.items()}
+    vocab = {ch: i for i, ch in enumerate(byte_syms)} | {t: i for i, t in specials.items()}
     tok = Tokenizer(models.BPE(vocab, []))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS.values()])
+    tok.add_special_tokens([AddedToken(t, special=True) for t in specials.values()])
     if bos:
-        tok.post_processor = processors.TemplateProcessing(single="<|startoftext|> $A",
-                                                           special_tokens=[("<|startoftext|>", 376)])
+        tok.post_processor = processors.TemplateProcessing(single=f"{specials[376]} $A",
+                                                           special_tokens=[(specials[376], 376)])
     tok.save(str(folder / "tokenizer.json"))
 
 
@@ -96,6 +103,7 @@ def ckpt_bytes(ckpt_copy):
 
 
 LLAMA = FIXTURES / "llama-tiny"
+DREAM = FIXTURES / "dream-tiny"
 
 
 @pytest.fixture
@@ -103,6 +111,15 @@ def llama_copy(tmp_path):
     dst = tmp_path / "llama"
     shutil.copytree(LLAMA / "ckpt", dst)
     write_byte_tokenizer(dst)
+    return dst
+
+
+@pytest.fixture
+def dream_copy(tmp_path):
+    """A writable copy of the tiny Dream checkpoint with a byte tokenizer under Dream's special names."""
+    dst = tmp_path / "dream"
+    shutil.copytree(DREAM / "ckpt", dst)
+    write_byte_tokenizer(dst, specials=DREAM_SPECIALS)
     return dst
 
 

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer
 
 import cli
 import sample
-from conftest import ROOT, run_script, write_byte_tokenizer
+from conftest import LLAMA_SPECIALS, ROOT, run_script, write_byte_tokenizer
 from eval_ppl import next_token_nll
 from haystack import PROMPT, sample_prompt
 from model import load_model
@@ -19,7 +19,7 @@ BOS = 376
 
 @pytest.fixture
 def llama_bos(llama_copy):
-    write_byte_tokenizer(llama_copy, bos=True)  # as LLaMA-3's tokenizer.json: <|begin_of_text|> by default
+    write_byte_tokenizer(llama_copy, True, LLAMA_SPECIALS)  # as LLaMA-3's tokenizer.json: <|begin_of_text|> first
     return llama_copy
 
 

@@ -73,11 +73,12 @@ def test_rope_parameters_form_is_read(tmp_path, llama_copy, exp):
 
 
 @pytest.mark.parametrize("changes,msg", [
-    (dict(rope_scaling={"rope_type": "longrope", "factor": 8.0}), "rope scaling 'longrope' is not implemented"),
+    (dict(rope_scaling={"rope_type": "mrope", "factor": 8.0}), "rope scaling 'mrope' is not implemented"),
     (dict(rope_theta=None, rope_parameters={"rope_type": "su", "rope_theta": 5e5}), "rope scaling 'su' is not"),
     (dict(rope_scaling={"type": "yarn", "factor": -2.0}), "yarn rope scaling needs a finite positive factor"),
     (dict(rope_scaling={"rope_type": "linear"}), "linear rope scaling needs a finite positive factor, got None"),
-    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0}), "low_freq_factor <"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0}),
+     "low_freq_factor <"),
     (dict(tie_word_embeddings=True), "tie_word_embeddings=True"),
     (dict(head_dim=32), "head_dim=32"),
 ])

@@ -53,7 +53,7 @@ def test_states_are_the_layers_queries_and_keys_after_rope(tiny, expected):
     pos, q, k = qk_states(tiny, ids, layer=-1, points=25)
     hook.remove()
     h = block.attn_norm(inputs[0])
-    cos, sin = rope_cos_sin(0, 100, inv_freq(tiny.config.head_dim, tiny.config.rope_theta))
+    cos, sin = rope_cos_sin(torch.arange(100), inv_freq(tiny.config.head_dim, tiny.config.rope_theta))
     for proj, got in [(block.q_proj, q), (block.k_proj, k)]:
         want = apply_rope(proj(h).view(1, 100, 4, 16).transpose(1, 2), cos, sin)  # (1, nh, T, hs)
         torch.testing.assert_close(got, want[0, :, pos].transpose(0, 1).reshape(25, 64), atol=1e-5, rtol=0)

@@ -10,7 +10,7 @@ from rope import apply_rope, critical_dim, extrapolation_bound, inv_freq, ntk_sc
 
 
 def rotated(x, pos, base=10000.0):
-    cos, sin = rope_cos_sin(pos, pos + 1, inv_freq(x.shape[-1], base))
+    cos, sin = rope_cos_sin(torch.tensor([pos]), inv_freq(x.shape[-1], base))
     return apply_rope(x[None, None, None, :], cos, sin)[0, 0, 0]
 
 
@@ -37,7 +37,7 @@ def test_layout_is_half_split_not_interleaved():
 
 def test_position_zero_is_identity_and_dtype_is_kept():
     x = torch.randn(1, 2, 5, 8, dtype=torch.bfloat16)
-    cos, sin = rope_cos_sin(0, 5, inv_freq(8, 500000.0))
+    cos, sin = rope_cos_sin(torch.arange(5), inv_freq(8, 500000.0))
     y = apply_rope(x, cos, sin)
     assert y.dtype == torch.bfloat16 and torch.equal(y[:, :, 0], x[:, :, 0])
 
