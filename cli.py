@@ -290,8 +290,15 @@ def append_line(obj, out):
 
 
 def read_lines(path):
-    """The JSON lines of a results file; none if there is no file yet."""
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    """The JSON lines of a file (results, or data such as LongBench's); none if there is no file yet. A line that is
+    not JSON is reported in one line with the file and line number."""
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines() if path.exists() else [], 1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            raise UserError(f"{path}, line {n}: not a JSON line ({e})") from None
+    return rows
 
 
 def check_schedule(gen_length, block_length, steps, cache=None, threshold=None):

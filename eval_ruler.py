@@ -11,7 +11,7 @@ from cli import (PROMPT_BOS, ArgumentParser, all_gather, append_rows, decode_ans
                  schedule_flags, share_and_load)
 from haystack import read_book
 from model import UserError, read_config
-from plots import ruler_table
+from plots import length_names, score_table
 from ruler_tasks import NIAH, TASKS, make_sample, read_qa
 from sample import answer
 
@@ -66,7 +66,7 @@ def report(out):
     title = f"{s['model']}, {rope_label(s)}, steps {s['steps']}, gen {s['gen_length']}: RULER (LongLLaDA Table 2)"
     grid = [[table.get((key, n), float("nan")) for n in lengths]
             for table, keys in [(cells, tasks), (columns, names)] for key in keys]
-    ruler_table(torch.tensor(grid), tasks + names, lengths, len(tasks), title, out.with_suffix(".png"))
+    score_table(torch.tensor(grid), tasks + names, length_names(lengths), len(tasks), title, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.png')}")
 
 

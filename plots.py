@@ -1,7 +1,7 @@
 """The figures: RoPE angles (LongLLaDA Fig. 4) and scaling methods, perplexity curves (Fig. 1a), needle heatmaps
-(Fig. 2, 3, 6), query/key t-SNE (Fig. 5) and RULER's table (Table 2). matplotlib is imported only when a figure is
-drawn, and draws to files only (no screen needed). Nothing here imports the project's other files: the scripts
-compute, this file draws."""
+(Fig. 2, 3, 6), query/key t-SNE (Fig. 5), RULER's table (Table 2) and LongBench's (Table 1). matplotlib is imported
+only when a figure is drawn, and draws to files only (no screen needed). Nothing here imports the project's other
+files: the scripts compute, this file draws."""
 import math
 
 import torch
@@ -115,19 +115,18 @@ def qk_scatter(runs, out):
     save(fig, out)
 
 
-def ruler_table(grid, rows, lengths, n_tasks, title, out):
-    """LongLLaDA Table 2 as a picture: scores (rows, lengths), the tasks first, then the averaged columns below a
-    line; colours 0 to 100, each cell written out (a dash where nothing ran)."""
-    fig, ax = pyplot().subplots(figsize=(1.4 * len(lengths) + 3.5, 0.38 * len(rows) + 1.6))
+def score_table(grid, rows, columns, n_tasks, title, out, xlabel="context length (tokens)"):
+    """A table of scores as a picture (RULER's Table 2, LongBench's Table 1): grid (rows, columns), the tasks first,
+    then the averaged rows below a line; colours 0 to 100, each cell written out (a dash where nothing ran)."""
+    fig, ax = pyplot().subplots(figsize=(1.4 * len(columns) + 3.5, 0.38 * len(rows) + 1.6))
     ax.imshow(grid.numpy(), cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
     for i in range(len(rows)):
-        for j in range(len(lengths)):
+        for j in range(len(columns)):
             value = grid[i, j].item()
             ax.text(j, i, "-" if math.isnan(value) else f"{value:.1f}", ha="center", va="center", fontsize=8,
                     fontweight="bold" if i >= n_tasks else None)
     ax.axhline(n_tasks - 0.5, color="black", lw=1.5)
-    ax.set(xticks=range(len(lengths)), xticklabels=length_names(lengths), yticks=range(len(rows)), yticklabels=rows,
-           xlabel="context length (tokens)")
+    ax.set(xticks=range(len(columns)), xticklabels=columns, yticks=range(len(rows)), yticklabels=rows, xlabel=xlabel)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     save(fig, out)

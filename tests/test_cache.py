@@ -130,7 +130,8 @@ def test_causal_cached_logits_equal_full(llama):
                                    atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("args,msg", [(["--cache", "full"], "argument --cache: expected none, prefix or dual, got 'full'"),
+@pytest.mark.parametrize("args,msg", [(["--cache", "full"],
+                                       "argument --cache: expected none, prefix or dual, got 'full'"),
                                       (["--threshold", "0"], "argument --threshold: the threshold must be in (0, 1]"),
                                       (["--threshold", "nan"], "the threshold must be in (0, 1]")])
 def test_cli_bad_values_are_one_line(ckpt_tok, args, msg):

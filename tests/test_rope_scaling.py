@@ -227,7 +227,8 @@ def test_rope_scaling_file_works_in_every_script(ckpt_bytes, tmp_path, monkeypat
     schedule = ["--gen-length", 4, "--steps", 4, "--block-length", 4]
     runs = [("sample.py", "--prompt", "Hi", *schedule),
             ("eval_ppl.py", "--text", text, "--max-len", 128, "--chunk", 32, "--mc", 2, "--out", tmp_path / "p.json"),
-            ("eval_niah.py", "--lengths", 700, "--depths", 50, "--repeats", 1, *schedule, "--out", tmp_path / "n.jsonl"),
+            ("eval_niah.py", "--lengths", 700, "--depths", 50, "--repeats", 1, *schedule, "--out",
+             tmp_path / "n.jsonl"),
             ("eval_ruler.py", "--tasks", "vt", "--lengths", 600, "--samples", 1, *schedule, "--out",
              tmp_path / "r.jsonl"),
             ("qk_states.py", "--text", text, "--length", 100, "--points", 30, "--perplexity", 5, "--out",
