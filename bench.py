@@ -4,6 +4,7 @@
   python bench.py sample   lean sampling (LM head on the block only) vs the official full-logits loop
   python bench.py ppl      batched ELBO with the LM head on masked positions vs one full-logits forward per sample
   python bench.py cache    exact sampling vs Fast-dLLM's prefix / dual caches and parallel decoding (CPU)
+  python bench.py cache --model DIR    the same on a model train.py trained (confident predictions)
   python bench.py gpu      LLaDA-8B-shaped random model on one GPU: forward at 4k-32k, a 24k sample exact vs dual
 """
 import argparse
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from cli import load_tokenizer
 from eval_ppl import chunk_nll, draw_masks
 from model import LLaDA, LLaDAConfig, load_model, read_config
 from sample import generate, get_num_transfer_tokens
@@ -197,14 +199,24 @@ def sample_ways(model, prompt, ways, clock=time.time):
 
 
 def bench_cache(args):
-    """A body-dominated model: 6 layers of width 256 with the real vocabulary, random weights."""
+    """A body-dominated model: 6 layers of width 256 with the real vocabulary, random weights; or, with --model, a
+    trained checkpoint (train.py), on 16 prompts of 96 tokens of its heldout.txt: a model that is actually confident."""
+    ways = [("exact", None, None), ("prefix cache", "prefix", None), ("dual cache", "dual", None),
+            ("dual cache + threshold 0.9", "dual", 0.9)]
+    if args.model:
+        model, text = load_model(args.model, "cpu"), (Path(args.model) / "heldout.txt").read_text(encoding="utf-8")
+        ids = load_tokenizer(args.model).encode(text).ids
+        stride = (len(ids) - 96) // 16
+        prompt = torch.tensor([ids[i * stride:i * stride + 96] for i in range(16)])  # (16, 96), spread over the text
+        print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, trained at "
+              f"{model.config.max_sequence_length}; 16 prompts of 96 held-out tokens, gen 32 / block 32 / steps 32")
+        return sample_ways(model, prompt, ways)
     config = LLaDAConfig(d_model=256, n_heads=4, n_kv_heads=4, n_layers=6, mlp_hidden_size=704)
     model = random_model(config, "cpu", torch.float32)
     prompt = torch.randint(0, 126000, (1, 2048), generator=torch.Generator().manual_seed(0))
     print(f"LLaDA, 6 layers, d_model 256, vocab {config.vocab_size}, random weights, fp32 on CPU; "
           f"{prompt.shape[1]}-token prompt, gen 32 / block 32 / steps 32")
-    sample_ways(model, prompt, [("exact", None, None), ("prefix cache", "prefix", None), ("dual cache", "dual", None),
-                                ("dual cache + threshold 0.9", "dual", 0.9)])
+    sample_ways(model, prompt, ways)
 
 
 def cuda_clock():
@@ -245,6 +257,7 @@ def bench_gpu(args, config=None, lengths=(4096, 8192, 16384, 24576, 32768), samp
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["load", "sample", "ppl", "cache", "gpu"], help="which measurement to run")
+    p.add_argument("--model", help="cache: a trained checkpoint folder (train.py) instead of random weights")
     args = p.parse_args()
     benches = dict(load=bench_load, sample=bench_sample, ppl=bench_ppl, cache=bench_cache, gpu=bench_gpu)
     benches[args.what](args)

@@ -61,8 +61,10 @@ def curve(chunks):
 
 
 def plot(runs, out):
-    ppl_curves([(f"{r['settings']['model']} ({rope_label(r['settings'])})", *curve(r["chunks"])) for r in runs],
-               [r["train_len"] for r in runs], out)
+    curves = [(f"{r['settings']['model']} ({rope_label(r['settings'])})", *curve(r["chunks"])) for r in runs]
+    for label, lengths, ppl in curves:  # and in numbers: the curve at each doubling of the context
+        print(f"{label}: " + ", ".join(f"{n} {p:.3f}" for n, p in zip(lengths, ppl) if n & (n - 1) == 0))
+    ppl_curves(curves, [r["train_len"] for r in runs], out)
 
 
 def main():

@@ -32,3 +32,18 @@ def test_random_model_is_made_on_the_device_without_a_cpu_copy():
 def test_gpu_bench_without_a_gpu_is_one_line():
     r = subprocess.run([sys.executable, "bench.py", "gpu"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout == "bench.py gpu needs a CUDA GPU; this machine has none\n"
+
+
+def test_cache_bench_runs_on_a_trained_checkpoint(tmp_path, capsys):
+    """`bench.py cache --model DIR`: the caches on a train.py checkpoint, 16 held-out prompts."""
+    import argparse
+    from conftest import run_script
+    text = tmp_path / "t.txt"
+    text.write_text("The old ferryman carried the weathered lantern near the harbour. " * 400)
+    out = tmp_path / "tiny"
+    assert run_script("train.py", "--kind", "diffusion", "--text", text, "--steps", 2, "--batch", 2, "--out",
+                      out).returncode == 0
+    bench.bench_cache(argparse.Namespace(model=str(out)))
+    lines = capsys.readouterr().out.splitlines()
+    assert "16 prompts of 96 held-out tokens" in lines[0] and len(lines) == 5
+    assert lines[1].split()[0] == "exact" and "100% of the exact run's tokens" in lines[1]
