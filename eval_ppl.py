@@ -30,13 +30,11 @@ def chunk_nll(model, prefix, answer, mc_num=8, mask_id=None, batch=None, generat
     P, L, dev = len(prefix), len(answer), model.device
     masked = draw_masks(mc_num, L, generator)  # (mc, L)
     seq, answer = torch.cat([prefix, answer]).to(dev), answer.to(dev)
-    total = 0.0
+    total, shift = 0.0, int(model.config.model_type == "dream")  # Dream: row i - 1's logits predict token i
     for m in masked.to(dev).split(batch or mc_num):
         x = seq.repeat(len(m), 1)  # (n, P + L)
         x[:, P:][m] = mask_id
-        # (N, V): one row per masked position; for Dream the row before it, whose logits predict it (shifted)
-        shift = int(model.config.model_type == "dream")
-        logits = model(x, logits_at=F.pad(m, (P - shift, shift)))
+        logits = model(x, logits_at=F.pad(m, (P - shift, shift)))  # (N, V): the rows predicting the masked tokens
         ce = F.cross_entropy(logits.float(), answer.expand_as(m)[m], reduction="none")
         per_sample = torch.zeros(m.shape, dtype=torch.float64, device=dev).masked_scatter_(m, ce.double())
         total += (per_sample.sum(1) / m.sum(1)).sum().item()
