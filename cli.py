@@ -314,29 +314,36 @@ def check_schedule(gen_length, block_length, steps, cache=None, threshold=None):
     return num_blocks
 
 
+def model_settings(args):
+    """The model and its RoPE as results files record them, and the start of their default names:
+    ({model, rope_scale, rope_scaling}, '<model>_rope<scale>[_<method>]')."""
+    scaling, model = args.rope_scaling, Path(args.model).name
+    name = f"{model}_rope{args.rope_scale:g}" + (f"_{scaling_words(scaling, '')}" if scaling else "")
+    return dict(model=model, rope_scale=args.rope_scale, rope_scaling=scaling), name
+
+
 def sampling_settings(args, config):
     """What a generated answer depends on (model, RoPE, schedule, Fast-dLLM's or Dream's settings), for a results file's
     rows, and a name that tells runs apart: <model>_rope<scale>[_<method>]_steps<n>[_<cache>][_t<threshold>][_<alg>
     <temperature>]. Dream's rule is recorded for Dream only, a temperature for LLaDA only when above 0. Checked here,
     before any weight is read: LLaDA's schedule (check_schedule); Dream's sampler has no blocks, caches or threshold."""
-    scaling, dream = args.rope_scaling, config.model_type == "dream"
+    dream = config.model_type == "dream"
     if config.model_type == "llada":
         check_schedule(args.gen_length, args.block_length, args.steps)
     if dream and (args.cache or args.threshold or min(args.steps, args.gen_length) < 1):
         raise UserError("Dream's sampler needs --steps and --gen-length >= 1 and takes no --cache or --threshold "
                         "(Fast-dLLM's caches are implemented for LLaDA only)")
-    settings = dict(model=Path(args.model).name, rope_scale=args.rope_scale, rope_scaling=scaling, steps=args.steps,
-                    gen_length=args.gen_length, block_length=args.block_length, cache=args.cache,
-                    threshold=args.threshold)
+    settings, name = model_settings(args)
+    settings |= dict(steps=args.steps, gen_length=args.gen_length, block_length=args.block_length, cache=args.cache,
+                     threshold=args.threshold)
     if dream:  # the paper's Dream runs: entropy, temperature 0.2, top_p 0.95 (top_k 50 from transformers 4.x)
         settings |= dict(alg=args.alg, temperature=0.2 if args.temperature is None else args.temperature,
                          top_p=args.top_p, top_k=args.top_k)
     elif args.temperature and not config.causal:
         settings["temperature"] = args.temperature
-    tags = [f"rope{args.rope_scale:g}", scaling and scaling_words(scaling, ""), f"steps{args.steps}", args.cache,
-            args.threshold and f"t{args.threshold:g}", "temperature" in settings and
+    tags = [f"steps{args.steps}", args.cache, args.threshold and f"t{args.threshold:g}", "temperature" in settings and
             f"{settings.get('alg', 'T')}{settings['temperature']:g}"]
-    return settings, "_".join([settings["model"]] + [t for t in tags if t])
+    return settings, "_".join([name] + [t for t in tags if t])
 
 
 def sample_seed(*key):

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from cli import (ArgumentParser, all_gather, append_rows, decode_answer, load_tokenizer, model_flags, parse_lengths,
-                 pending, read_lines, rope_label, run_cli, sample_seed, scaling_words, share_and_load)
+                 model_settings, pending, read_lines, rope_label, run_cli, sample_seed, share_and_load)
 from longbench_tasks import CATEGORIES, NO_INPUT, TASKS, build_prompt, jieba_cut, score, truncate_middle
 from model import UserError, read_config
 from plots import score_table
@@ -99,10 +99,9 @@ def main():
         jieba_cut("")  # the Chinese metrics need jieba: refused now, not after hours of generation
     data = {t: read_task(args.data, t)[:args.limit] for t in tasks}
     config, tok = read_config(args.model), load_tokenizer(args.model)
-    settings = dict(model=Path(args.model).name, rope_scale=args.rope_scale, rope_scaling=args.rope_scaling,
-                    seed=args.seed, protocol="OpenCompass 0.4.2")
-    scaling = args.rope_scaling and "_" + scaling_words(args.rope_scaling, "")
-    out = Path(args.out or f"results/longbench_{settings['model']}_rope{args.rope_scale:g}{scaling or ''}.jsonl")
+    settings, name = model_settings(args)
+    settings |= dict(seed=args.seed, protocol="OpenCompass 0.4.2")
+    out = Path(args.out or f"results/longbench_{name}.jsonl")
     todo = pending(out, settings, [(n, t, i) for n in args.max_len for t in tasks for i in range(len(data[t]))],
                    key=lambda r: (r["max_len"], r["task"], r["index"]))
     rank, world, todo, model = share_and_load(args, todo, max(args.max_len) + 512)
