@@ -73,6 +73,16 @@ def count(text):
     return int(text)
 
 
+def names_flag(known):
+    """An argparse type: 'a,b' -> ['a', 'b'], each among `known` (the first unknown one is named)."""
+    def parse(text):
+        unknown = [t for t in text.split(",") if t not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown task {unknown[0]!r}; the tasks are {', '.join(known)}")
+        return text.split(",")
+    return parse
+
+
 def rope_scaling_flag(text):
     """'yarn:4' -> {'rope_type': 'yarn', 'factor': 4.0}, a HF rope-scaling dict; or FILE.json holding such a dict
     (any method, e.g. LongRoPE's factor lists), with the file's name added under 'file' (model.py ignores it)."""
@@ -127,9 +137,9 @@ DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")  # Dream's rev
 def schedule_flags(p, gen_length, steps, block_length):
     """The samplers' flags: the schedule with a script's defaults, Fast-dLLM's approximations (LLaDA), the
     temperature, and Dream's rule with the paper's settings (sample.answer reads them)."""
-    p.add_argument("--gen-length", type=int, default=gen_length, help="answer length in tokens")
-    p.add_argument("--steps", type=int, default=steps, help="denoising steps in total")
-    p.add_argument("--block-length", type=int, default=block_length, help="semi-autoregressive block length")
+    p.add_argument("--gen-length", type=count, default=gen_length, help="answer length in tokens")
+    p.add_argument("--steps", type=count, default=steps, help="denoising steps in total")
+    p.add_argument("--block-length", type=count, default=block_length, help="semi-autoregressive block length")
     p.add_argument("--cache", type=cache_flag, metavar="{none,prefix,dual}", help="Fast-dLLM's approximate key/value "
                    "cache (not the paper's protocol; default none); for a causal model an exact KV cache")
     p.add_argument("--threshold", type=number("the threshold", lambda x: 0 < x <= 1, "in (0, 1]"),
@@ -204,10 +214,15 @@ def check_length(model, length):
 def load_tokenizer(folder):
     """The checkpoint's own tokenizer.json, read with `tokenizers` (checked before the weights are loaded)."""
     from tokenizers import Tokenizer
-    if not (Path(folder) / "tokenizer.json").is_file():
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
         raise UserError(f"no tokenizer.json in {folder}" if Path(folder).is_dir() else
                         f"model folder not found: {folder}")
-    return Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for a file it cannot read
+        raise UserError(f"{path} is not a tokenizer that `tokenizers` can read ({str(e)[:80]}): download it "
+                        "again") from None
 
 
 # What the paper's scripts fed each family beyond its text. LongLLaDA's Dream wrapper prepends "<|beginoftext|>" as
@@ -226,6 +241,8 @@ CHAT_TEMPLATES = dict(
 def prompt_ids(tok, config, text, chat=False):
     """A prompt as the tokenizer encodes it by default (LLaMA-3 adds its BOS, LLaDA and Dream nothing), or wrapped
     in the model's chat template, which brings its own begin-of-text."""
+    if chat and config.model_type not in CHAT_TEMPLATES:
+        raise UserError(f"--chat: {config.model_type} models have no chat template (no Instruct version)")
     chat = chat and CHAT_TEMPLATES[config.model_type].format(text.strip())
     return tok.encode(chat or text, add_special_tokens=not chat).ids
 
@@ -302,13 +319,18 @@ def read_lines(path):
 
 
 def check_schedule(gen_length, block_length, steps, cache=None, threshold=None):
-    """The number of blocks of LLaDA's generate, after checking that blocks tile the answer and steps split evenly
-    over them (and Fast-dLLM's settings: a cache of None, 'prefix' or 'dual', a threshold in (0, 1] or None)."""
-    num_blocks = gen_length // max(block_length, 1)
-    if min(block_length, num_blocks, steps) < 1 or gen_length % block_length or steps % num_blocks \
-            or steps > gen_length:
-        raise UserError(f"need gen_length ({gen_length}) = k * block_length ({block_length}) and steps ({steps}) "
-                        f"= n * {num_blocks} block(s), with 1 <= n <= {block_length}")
+    """The number of blocks of LLaDA's generate, after checking, in plain words, that the blocks tile the answer and
+    the steps split evenly over them (and Fast-dLLM's settings: a cache of None, 'prefix' or 'dual', a threshold in
+    (0, 1] or None)."""
+    if min(gen_length, block_length, steps) < 1:
+        raise UserError(f"the answer length, block length and steps must each be at least 1 (got {gen_length}, "
+                        f"{block_length} and {steps})")
+    if gen_length % block_length:
+        raise UserError(f"the answer length ({gen_length}) must be a multiple of the block length ({block_length})")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks or steps > gen_length:
+        raise UserError(f"the steps ({steps}) must split evenly over the {num_blocks} block(s) of the answer, at most "
+                        f"one step per token: a multiple of {num_blocks} up to {gen_length}")
     if cache not in (None, "prefix", "dual") or threshold is not None and not 0 < threshold <= 1:
         raise UserError(f"need cache None, 'prefix' or 'dual' (got {cache!r}), threshold None or in (0, 1]")
     return num_blocks
@@ -328,11 +350,11 @@ def sampling_settings(args, config):
     <temperature>]. Dream's rule is recorded for Dream only, a temperature for LLaDA only when above 0. Checked here,
     before any weight is read: LLaDA's schedule (check_schedule); Dream's sampler has no blocks, caches or threshold."""
     dream = config.model_type == "dream"
-    if config.model_type == "llada":
+    if not (dream or config.causal):  # LLaDA's generate: LLaDA, SMDM's MDM
         check_schedule(args.gen_length, args.block_length, args.steps)
-    if dream and (args.cache or args.threshold or min(args.steps, args.gen_length) < 1):
-        raise UserError("Dream's sampler needs --steps and --gen-length >= 1 and takes no --cache or --threshold "
-                        "(Fast-dLLM's caches are implemented for LLaDA only)")
+    if dream and (args.cache or args.threshold):
+        raise UserError("Dream's sampler takes no --cache or --threshold (Fast-dLLM's caches are implemented for "
+                        "LLaDA's sampler only)")
     settings, name = model_settings(args)
     settings |= dict(steps=args.steps, gen_length=args.gen_length, block_length=args.block_length, cache=args.cache,
                      threshold=args.threshold)

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import torch
 
-from cli import (ArgumentParser, all_gather, append_rows, decode_answer, load_tokenizer, model_flags, parse_lengths,
-                 model_settings, pending, read_lines, rope_label, run_cli, sample_seed, share_and_load)
+from cli import (ArgumentParser, all_gather, append_rows, count, decode_answer, load_tokenizer, model_flags,
+                 model_settings, names_flag, parse_lengths, pending, read_lines, rope_label, run_cli, sample_seed,
+                 share_and_load)
 from longbench_tasks import CATEGORIES, NO_INPUT, TASKS, build_prompt, jieba_cut, score, truncate_middle
 from model import UserError, read_config
 from plots import score_table
@@ -82,19 +83,21 @@ def main():
     p = ArgumentParser("LongBench v1 as LongLLaDA ran it through OpenCompass (Table 1).")
     model_flags(p)
     p.add_argument("--data", help="folder with LongBench's <task>.jsonl files (data.zip of THUDM/LongBench, unzipped)")
-    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks (default: all 21)")
+    p.add_argument("--tasks", type=names_flag(TASKS), default=",".join(TASKS), help="comma-separated tasks (default: "
+                   "all 21)")
     p.add_argument("--max-len", default="3500", type=parse_lengths, help="truncation budgets in prompt tokens: 3500 "
                    "(the paper's 4k runs), 7500 (8k), or both, 3500,7500")
-    p.add_argument("--limit", type=int, help="only the first N records of each task")
+    p.add_argument("--limit", type=count, help="only the first N records of each task")
     p.add_argument("--seed", type=int, default=0, help="seed of the samplers' draws (Dream samples at 0.2)")
     p.add_argument("--out", help="results JSONL (default: results/longbench_<model>_rope<scale>[_<method>].jsonl)")
     p.add_argument("--table", nargs="+", metavar="JSONL", help="only print and draw the table of these results files")
     args = p.parse_args()
     if args.table:
         return report(args.table, Path(args.out or args.table[0]).with_suffix(".png"))
-    tasks = args.tasks.split(",")
-    if not args.model or not args.data or set(tasks) - set(TASKS) or (args.limit is not None and args.limit < 1):
-        raise UserError(f"need --model, --data, --limit of at least 1, and --tasks among {','.join(TASKS)}")
+    tasks = args.tasks
+    if not args.model or not args.data:
+        raise UserError("need --model (a checkpoint folder)" if not args.model else "need --data (the folder of "
+                        "LongBench's <task>.jsonl files)")
     if any(TASKS[t][2] in ("qa_f1_zh", "rouge_zh") for t in tasks):
         jieba_cut("")  # the Chinese metrics need jieba: refused now, not after hours of generation
     data = {t: read_task(args.data, t)[:args.limit] for t in tasks}

@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cli import (ArgumentParser, all_gather, check_length, distributed, load_tokenizer, model_flags, progress,
-                 read_text, rope_label, run_cli, save_json)
+from cli import (ArgumentParser, all_gather, check_length, count, distributed, load_tokenizer, model_flags,
+                 parse_lengths, progress, read_text, rope_label, run_cli, save_json)
 from model import UserError, load_model
 from plots import ppl_curves
 
@@ -24,8 +24,7 @@ def chunk_nll(model, prefix, answer, mc_num=8, mask_id=None, batch=None, generat
 
     Each Monte-Carlo sample masks k ~ U{1..L} random answer positions and takes the mean cross-entropy
     over them; E[(1/k) sum_{i in S} CE_i] is the per-token bound E[(L/k) sum CE_i] / L. The samples go
-    through the model together (`batch` rows at most) and the LM head runs on the masked positions only.
-    Dream's ELBO is the same with its shifted logits (the hidden state at i - 1 predicts token i)."""
+    through the model together (`batch` rows at most) and the LM head runs on the masked positions only."""
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
     P, L, dev = len(prefix), len(answer), model.device
     masked = draw_masks(mc_num, L, generator)  # (mc, L)
@@ -51,17 +50,19 @@ def next_token_nll(model, ids, piece=1024):
                       for s in range(0, len(h), piece)])
 
 
-def curve(chunks):
-    """(context lengths, exp of the cumulative mean of chunk values): the cumulative geometric mean."""
-    nll = torch.tensor([c["nll"] for c in chunks], dtype=torch.float64)
-    ppl = (nll.cumsum(0) / torch.arange(1, len(nll) + 1)).exp()
-    return [c["length"] for c in chunks], ppl.tolist()
+def curve(run):
+    """(context lengths, perplexity): exp of the cumulative mean of the chunk values (the cumulative geometric mean),
+    or, for a run of chosen lengths (--at), of each chunk's own value."""
+    nll = torch.tensor([c["nll"] for c in run["chunks"]], dtype=torch.float64)
+    mean = nll if "at" in run["settings"] else nll.cumsum(0) / torch.arange(1, len(nll) + 1)
+    return [c["length"] for c in run["chunks"]], mean.exp().tolist()
 
 
 def plot(runs, out):
-    curves = [(f"{r['settings']['model']} ({rope_label(r['settings'])})", *curve(r["chunks"])) for r in runs]
-    for label, lengths, ppl in curves:  # and in numbers: the curve at each doubling of the context
-        print(f"{label}: " + ", ".join(f"{n} {p:.3f}" for n, p in zip(lengths, ppl) if n & (n - 1) == 0))
+    curves = [(f"{r['settings']['model']} ({rope_label(r['settings'])})", *curve(r), "at" in r["settings"])
+              for r in runs]
+    for label, lengths, ppl, at in curves:  # and in numbers: the curve at each doubling of the context, or each point
+        print(f"{label}: " + ", ".join(f"{n} {p:.3f}" for n, p in zip(lengths, ppl) if at or n & (n - 1) == 0))
     ppl_curves(curves, [r["train_len"] for r in runs], out)
 
 
@@ -69,39 +70,43 @@ def main():
     p = ArgumentParser("Perplexity against context length (LongLLaDA Fig. 1a).")
     model_flags(p)
     p.add_argument("--text", help="a long text file, tokenized with the model's tokenizer")
-    p.add_argument("--max-len", type=int, default=16384, help="longest context in tokens (the curve's end)")
-    p.add_argument("--chunk", type=int, default=64, help="answer chunk length in tokens")
-    p.add_argument("--mc", type=int, default=8, help="Monte-Carlo samples per chunk")
+    p.add_argument("--max-len", type=count, default=16384, help="longest context in tokens (the curve's end)")
+    p.add_argument("--at", type=parse_lengths, metavar="LENGTHS", help="only the chunks ending at these lengths (e.g. "
+                   "2k,4k,8k; multiples of --chunk), each given all the text before it; the longest replaces --max-len")
+    p.add_argument("--chunk", type=count, default=64, help="answer chunk length in tokens")
+    p.add_argument("--mc", type=count, default=8, help="Monte-Carlo samples per chunk")
     p.add_argument("--seed", type=int, default=0, help="seed; each chunk draws its masks from (seed, chunk)")
-    p.add_argument("--batch", type=int, default=8, help="most sequences per forward (lower it to save memory)")
+    p.add_argument("--batch", type=count, default=8, help="most sequences per forward (lower it to save memory)")
     p.add_argument("--out", default="results/ppl.json", help="JSON to write (and resume); the PNG goes beside it")
     p.add_argument("--compare", nargs="+", metavar="JSON", help="only overlay these runs in one figure (--out PNG)")
     args = p.parse_args()
-    out = Path(args.out)
+    out, c = Path(args.out), args.chunk
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.compare:
         return plot([json.loads(Path(f).read_text()) for f in args.compare], out.with_suffix(".png"))
-    if not args.model or not args.text or min(args.chunk, args.mc, args.batch) < 1 or args.max_len < 2 * args.chunk:
-        raise UserError("need --model and --text, --chunk, --mc and --batch of at least 1, --max-len of 2 chunks")
-    # Encoded as the checkpoint's tokenizer does by default: LLaMA-3 gets its BOS (context, never scored: chunk 0
-    # is never scored, and next-token targets start at token 1), LLaDA nothing.
+    max_len = max(args.at) if args.at else args.max_len
+    if not args.model or not args.text or max_len < 2 * c or any(n % c or n < 2 * c for n in args.at or []):
+        raise UserError(f"need --model and --text, and a --max-len, or --at lengths, of at least 2 chunks ({2 * c}), "
+                        f"the --at lengths multiples of --chunk ({c})")
+    # The tokenizer's defaults: LLaMA-3's and SMDM's BOS is context, never scored (nor is chunk 0), LLaDA gets none.
     ids = torch.tensor(load_tokenizer(args.model).encode(read_text(args.text)).ids)
-    if len(ids) < args.max_len:
-        raise UserError(f"{args.text} has {len(ids)} tokens; --max-len {args.max_len} needs at least that many")
-    settings = dict(model=Path(args.model).name, text=Path(args.text).name, max_len=args.max_len,
-                    chunk=args.chunk, mc=args.mc, rope_scale=args.rope_scale, rope_scaling=args.rope_scaling,
-                    seed=args.seed)
+    if len(ids) < max_len:
+        raise UserError(f"{args.text} has {len(ids)} tokens; a context of {max_len} needs at least that many")
+    settings = dict(model=Path(args.model).name, text=Path(args.text).name, max_len=max_len, chunk=c, mc=args.mc,
+                    rope_scale=args.rope_scale, rope_scaling=args.rope_scaling, seed=args.seed)
+    settings |= dict(at=sorted(set(args.at))) if args.at else {}
     run = json.loads(out.read_text()) if out.exists() else dict(settings=settings, chunks=[])
     if run["settings"] != settings:  # never mix runs: a resume must continue the same experiment
         raise UserError(f"{out} holds a run with other settings {run['settings']}; choose another --out")
     rank, world, device = distributed(args.device)
     model = load_model(args.model, device, rope_scale=args.rope_scale, rope_scaling=args.rope_scaling,
                        verbose=rank == 0)
-    run["train_len"], c = model.config.max_sequence_length, args.chunk
-    check_length(model, args.max_len)
-    todo = list(range(len(run["chunks"]) + 1, args.max_len // c))  # chunk i: the prefix is the i chunks before it
+    run["train_len"], finished = model.config.max_sequence_length, {chunk["length"] for chunk in run["chunks"]}
+    check_length(model, max_len)
+    wanted = [n // c - 1 for n in settings["at"]] if args.at else range(1, max_len // c)  # chunk i ends at (i + 1) c
+    todo = [i for i in wanted if (i + 1) * c not in finished]  # chunk i: the prefix is the i chunks before it
     if model.config.causal:  # AR baseline: ordinary next-token perplexity, from one causal forward
-        nll = next_token_nll(model, ids[:args.max_len]).cpu()
+        nll = next_token_nll(model, ids[:max_len]).cpu()
         run["chunks"] += [dict(length=(i + 1) * c, nll=nll[i * c - 1:(i + 1) * c - 1].mean().item()) for i in todo]
         todo = []
 
@@ -117,12 +122,12 @@ def main():
         if rank == 0:  # after every round: an interrupted run resumes where it stopped
             save_json(run, out)
             done, seconds = sum(todo[:r + world]), time.time() - t0
-            show(min(r + world, len(todo)), f"chunk {now[-1]}/{todo[-1]}  ppl {curve(run['chunks'])[1][-1]:.3f}  "
+            show(min(r + world, len(todo)), f"chunk {now[-1]}/{todo[-1]}  ppl {curve(run)[1][-1]:.3f}  "
                  f"{done * c * args.mc / seconds:,.0f} tok/s  ETA {seconds / done * (work - done) / 60:.1f} min")
     if rank == 0:
         save_json(run, out)
         plot([run], out.with_suffix(".png"))
-        lengths, ppl = curve(run["chunks"])
+        lengths, ppl = curve(run)
         print(f"perplexity at {lengths[-1]} tokens: {ppl[-1]:.3f}; wrote {out} and {out.with_suffix('.png')}")
 
 

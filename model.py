@@ -2,14 +2,13 @@
 
 Read top to bottom: config -> RMSNorm -> attention + MLP -> block -> model -> loading. The forward pass follows
 the official `modeling_llada.py` op for op. Module names are the checkpoint's tensor names minus "model.", so
-loading is one strict `load_state_dict`. HF LLaMA (the causal baseline) and Dream (Qwen2.5 without the causal mask,
-q/k/v biases; the second diffusion family) load too, with their own names, RoPE dtype and padding convention.
+loading is one strict `load_state_dict`. HF LLaMA (the causal baseline), Dream (Qwen2.5 without the causal mask,
+q/k/v biases; the second diffusion family) and SMDM's small MDM/AR pairs load too, with their own names, RoPE
+precision and padding convention (checkpoints.py reads each family's files).
 """
-import json
-import math
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,23 +16,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from rope import SCALING_METHODS, apply_rope, rope_cos_sin, scaled_inv_freq
-
-
-class UserError(ValueError):
-    """A mistake in what the user asked for (a path, a flag, a config): scripts print it as one line."""
+from checkpoints import (UserError, config_fields, fused_shapes, module_name, rope_scaling_config,  # noqa: F401
+                         shard_files, split_fused)  # (the scripts import UserError from here)
+from rope import apply_rope, rope_cos_sin, scaled_inv_freq
 
 
 @dataclass
 class LLaDAConfig:
-    """Defaults are LLaDA-8B (Base, Instruct, 1.5); `load_model` fills it from config.json (LLaDA, LLaMA, Dream)."""
+    """Defaults are LLaDA-8B (Base, Instruct, 1.5); `read_config` fills it from a checkpoint (LLaDA, LLaMA, Dream,
+    SMDM)."""
     d_model: int = 4096
     n_heads: int = 32
     n_kv_heads: int = 32
     n_layers: int = 32
     mlp_hidden_size: int = 12288
     vocab_size: int = 126464
-    embedding_size: int = 126464  # rows of wte / ff_out; the logits have this many columns
+    embedding_size: int = 126464  # rows of wte (and of ff_out, the logits' columns, unless logits_size says)
+    logits_size: int | None = None  # rows of ff_out where they differ: SMDM's MDM has an extra wte row, its mask
     rope_theta: float = 500000.0
     max_sequence_length: int = 4096  # the trained length; nothing enforces it (that is the paper's topic)
     rms_norm_eps: float = 1e-5
@@ -42,99 +41,23 @@ class LLaDAConfig:
     eot_token_id: int | None = 126348  # <|eot_id|> of the Instruct chat template; not in config.json
     pad_token_id: int = 126081
     rope_scaling: dict | None = None  # a HF rope-scaling dict: PI, dynamic NTK, YaRN, LLaMA-3.1, LongRoPE (rope.py)
-    model_type: str = "llada"  # "llada", "llama" (HF LLaMA) or "dream" (Dream-v0, DiffuCoder: Qwen2 names)
-    causal: bool = False  # True only for the autoregressive baseline (Hugging Face LLaMA checkpoints)
+    model_type: str = "llada"  # "llada", "llama" (HF LLaMA), "dream" (Dream-v0, DiffuCoder: Qwen2 names) or "smdm"
+    causal: bool = False  # True only for the autoregressive baselines (HF LLaMA, SMDM's AR twin)
     qkv_bias: bool = False  # Dream (Qwen2) has biases on q, k and v
     rope_full_precision: bool = True  # LLaDA rotates in fp32; HF LLaMA and Dream in the activations' dtype
+    rope_bf16_table: bool = False  # SMDM rounds its cos/sin tables to bf16 (also for fp32 weights), rotates in fp32
 
     @property
     def head_dim(self):
         return self.d_model // self.n_heads
 
 
-# config.json values this file does not implement: anything else is refused, not silently ignored.
-REQUIRED = dict(block_type="llama", activation_type="silu", layer_norm_type="rms", weight_tying=False,
-                alibi=False, include_bias=False, include_qkv_bias=False, bias_for_layer_norm=False,
-                layer_norm_with_affine=True, rope=True, rope_full_precision=True, scale_logits=False,
-                input_emb_norm=False, attention_layer_norm=False, clip_qkv=None, block_group_size=1)
-HF_REQUIRED = dict(llama=dict(hidden_act="silu", tie_word_embeddings=False, attention_bias=False, mlp_bias=False),
-                   dream=dict(hidden_act="silu", tie_word_embeddings=False, use_sliding_window=False))
-# Dream-v0 was trained on 2048-token sequences (Dream-org's figure, which LongLLaDA's Dream settings use: NTK lambda 5
-# for 4k); its config.json keeps Qwen2.5's max_position_embeddings, 131072, which Dream never trained at.
-DREAM_TRAINED_LENGTH = 2048
-# Keys HF requires per scaling method (`_validate_*_parameters`); T0 and yarn's / longrope's factor have defaults.
-SCALING_KEYS = dict(linear=["factor"], dynamic=["factor"], yarn=["factor"], longrope=["factor", "long_factor",
-                    "short_factor"], llama3=["factor", "low_freq_factor", "high_freq_factor"])
-
-
-def refuse_unsupported(cfg, required):
-    for key, want in required.items():
-        if cfg.get(key, want) != want:
-            raise UserError(f"config.json: {key}={cfg[key]!r} is not implemented (this code supports {want!r})")
-
-
-def rope_scaling_config(scaling, max_len, head_dim):
-    """A HF rope-scaling dict checked and completed as transformers 5.x does it: `original_max_position_embeddings`
-    (T0) defaults to max_len (HF: max_position_embeddings; LLaDA and Dream: the trained length), a yarn or longrope
-    `factor` to max_len / T0 (a given one wins; 4.x ignores it for longrope). None for no scaling."""
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if kind == "default":
-        return None
-    if kind not in SCALING_METHODS:
-        raise UserError(f"rope scaling {kind!r} is not implemented (this code has {', '.join(SCALING_METHODS)})")
-    s = dict(original_max_position_embeddings=max_len) | {k: v for k, v in scaling.items() if v is not None}
-    if kind in ("yarn", "longrope"):
-        s.setdefault("factor", max_len / s["original_max_position_embeddings"])
-    for key in ["original_max_position_embeddings"] + SCALING_KEYS[kind]:
-        n = head_dim // 2 if key in ("long_factor", "short_factor") else None  # LongRoPE: one factor per pair
-        values = s.get(key) if n else [s.get(key)]
-        if not isinstance(values, list) or len(values) != (n or 1) or not all(
-                isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values):
-            raise UserError(f"{kind} rope scaling needs {f'a list of {n}' if n else 'a'} finite positive {key}, got "
-                            f"{str(s.get(key))[:80]}")
-    if kind == "llama3" and s["low_freq_factor"] >= s["high_freq_factor"]:
-        raise UserError("llama3 rope scaling needs low_freq_factor < high_freq_factor")
-    return s | dict(rope_type=kind)
-
-
-def hf_config(cfg, family):
-    """A Hugging Face config.json in this file's terms: LLaMA (the paper's autoregressive baseline) or Dream (Qwen2
-    field names, q/k/v biases, bidirectional)."""
-    rope = cfg.get("rope_parameters") or {}  # transformers 5.x write base and scaling here instead of top level
-    d, heads, eos = cfg["hidden_size"], cfg["num_attention_heads"], cfg.get("eos_token_id")
-    refuse_unsupported(cfg, HF_REQUIRED[family] | {"head_dim": d // heads})
-    eos = eos if isinstance(eos, list) else [eos]  # LLaMA-3 Instruct lists end-of-text and end-of-turn
-    scaling = cfg.get("rope_scaling") or rope
-    if scaling and cfg.get("original_max_position_embeddings"):  # Phi-3 style: T0 at the top level
-        scaling = dict(original_max_position_embeddings=cfg["original_max_position_embeddings"]) | scaling
-    dream, max_len = family == "dream", cfg["max_position_embeddings"]
-    return LLaDAConfig(d_model=d, n_heads=heads, n_kv_heads=cfg.get("num_key_value_heads") or heads,
-                       n_layers=cfg["num_hidden_layers"], mlp_hidden_size=cfg["intermediate_size"],
-                       vocab_size=cfg["vocab_size"], embedding_size=cfg["vocab_size"],
-                       rope_theta=cfg.get("rope_theta") or rope.get("rope_theta", 10000.0),
-                       max_sequence_length=min(max_len, DREAM_TRAINED_LENGTH) if dream else max_len,
-                       rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), mask_token_id=cfg.get("mask_token_id") if dream
-                       else None, eos_token_id=eos[0], eot_token_id=eos[-1], pad_token_id=cfg.get("pad_token_id"),
-                       rope_scaling=scaling, model_type=family, causal=not dream, qkv_bias=dream,
-                       rope_full_precision=False)
-
-
 def read_config(path):
-    """The checkpoint folder's config.json as an LLaDAConfig (LLaDA's format, or a HF LLaMA or Dream one)."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise UserError(f"no config.json in {path}" if path.is_dir() else f"model folder not found: {path}")
-    cfg = json.loads((path / "config.json").read_text())
-    if cfg.get("model_type") in ("llama", "Dream"):
-        return hf_config(cfg, cfg["model_type"].lower())
-    refuse_unsupported(cfg, REQUIRED | dict(model_type="llada"))
-    known = {f.name for f in fields(LLaDAConfig)} - {"causal", "qkv_bias"}  # a LLaDA config is bidirectional
-    config = LLaDAConfig(**{k: v for k, v in cfg.items() if k in known and v is not None})
-    if cfg.get("mlp_hidden_size") is None:  # OLMo's fallback: mlp_ratio * d_model
-        config.mlp_hidden_size = cfg.get("mlp_ratio", 4) * config.d_model
-    config.embedding_size = cfg.get("embedding_size") or config.vocab_size
-    if config.eot_token_id >= config.embedding_size:  # <|eot_id|> exists only in the real 126k vocabulary
-        config.eot_token_id = None
+    """The checkpoint folder's config as an LLaDAConfig: LLaDA's config.json, a HF LLaMA or Dream one, or an SMDM file
+    (checkpoints.py reads each family's)."""
+    config = LLaDAConfig(**config_fields(path))
+    if config.eot_token_id is not None and config.eot_token_id >= config.embedding_size:
+        config.eot_token_id = None  # <|eot_id|> exists only in the real 126k vocabulary
     return config
 
 
@@ -204,7 +127,7 @@ class LLaDA(nn.Module):
             wte=nn.Embedding(config.embedding_size, config.d_model),
             blocks=nn.ModuleList(Block(config) for _ in range(config.n_layers)),
             ln_f=RMSNorm(config.d_model, config.rms_norm_eps),
-            ff_out=nn.Linear(config.d_model, config.embedding_size, bias=False),  # LM head, untied from wte
+            ff_out=nn.Linear(config.d_model, config.logits_size or config.embedding_size, bias=False),  # LM head
         ))
 
     @property
@@ -248,6 +171,8 @@ class LLaDA(nn.Module):
         cos, sin = rope_cos_sin(positions, inv, a)
         if not c.rope_full_precision:  # HF casts cos and sin to the activations' dtype (bf16 in a bf16 run)
             cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        if c.rope_bf16_table:  # SMDM's build_rope_cache(..., dtype=torch.bfloat16), as it trained; rotation in fp32
+            cos, sin = cos.bfloat16().float(), sin.bfloat16().float()
         bias, low = None, torch.finfo(x.dtype).min
         if attention_mask is not None:
             bias = (1.0 - attention_mask[:, None, None, :keys].to(x.dtype)) * low  # (B, 1, 1, K): keys only
@@ -261,37 +186,9 @@ class LLaDA(nn.Module):
 
 # ----------------------------------------------------------------------------- loading
 
-# Hugging Face LLaMA / Qwen2 (Dream) tensor names -> this file's module names, replaced in this order (LLaDA's names
-# only lose "model."): model.layers.3.self_attn.o_proj.weight -> transformer.blocks.3.attn_out.weight.
-HF_LLAMA_RENAMES = [("model.embed_tokens", "transformer.wte"), ("model.norm", "transformer.ln_f"),
-                    ("lm_head", "transformer.ff_out"), ("model.layers", "transformer.blocks"),
-                    ("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ff_norm"),
-                    ("self_attn.o_proj", "attn_out"), ("self_attn.", ""), ("mlp.gate_proj", "ff_proj"),
-                    ("mlp.up_proj", "up_proj"), ("mlp.down_proj", "ff_out")]
-
-
-def module_name(key, model_type):
-    """Checkpoint tensor name -> module name (an unknown name stays unknown, to be reported)."""
-    if model_type == "llada":
-        return key.removeprefix("model.")
-    for old, new in HF_LLAMA_RENAMES:
-        key = key.replace(old, new)
-    return key
-
-
-def shard_files(path):
-    """The shards named by model.safetensors.index.json (each once, in order), or the one model.safetensors."""
-    index = path / "model.safetensors.index.json"
-    names = dict.fromkeys(json.loads(index.read_text())["weight_map"].values()) if index.exists() else []
-    files = [path / name for name in names or ["model.safetensors"]]
-    missing = [f for f in files if not f.exists()]
-    if missing:
-        raise UserError(f"missing weights file: {missing[0]}")
-    return files
-
-
 def load_model(path, device=None, dtype=None, rope_scale=1.0, rope_scaling=None, verbose=False):
-    """Load a checkpoint folder (config.json + safetensors shards; LLaDA, HF LLaMA or Dream) straight onto `device`.
+    """Load a checkpoint folder (config.json + safetensors shards: LLaDA, HF LLaMA or Dream; or SMDM's one file)
+    straight onto `device`.
 
     The model is built on the meta device (no memory, no random init of 8B parameters), each tensor is read from
     its shard directly onto the target device and assigned as the parameter itself (`assign=True`), so only one
@@ -306,20 +203,21 @@ def load_model(path, device=None, dtype=None, rope_scale=1.0, rope_scaling=None,
     config.rope_scaling = rope_scaling or config.rope_scaling
     with torch.device("meta"):
         model = LLaDA(config, rope_scale)
-    expected, state = {name: p.shape for name, p in model.state_dict().items()}, {}
-    for file in shard_files(path):
+    names, state = {name: list(p.shape) for name, p in model.state_dict().items()}, {}
+    expected = names | fused_shapes(config)  # SMDM's fused q/k/v, split below
+    for file in shard_files(path, config.model_type):  # all present and complete before any weight is read
         with safe_open(file, framework="pt", device=str(device)) as f:
             for key in f.keys():
-                if key.endswith("rotary_emb.inv_freq"):  # a buffer older HF LLaMA files carry; RoPE is computed
-                    continue
                 name = module_name(key, config.model_type)
+                if name is None:
+                    continue
                 if name not in expected:
                     raise UserError(f"unexpected tensor {key} in {file.name}")
-                if f.get_slice(key).get_shape() != list(expected[name]):
+                if f.get_slice(key).get_shape() != expected[name]:
                     raise UserError(f"tensor {key} in {file.name} has shape {f.get_slice(key).get_shape()}, "
-                                    f"expected {list(expected[name])}")
+                                    f"expected {expected[name]}")
                 state[name] = f.get_tensor(key).to(dtype)
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(set(names) - set(split_fused(state, config)))
     if missing:
         raise UserError(f"checkpoint is missing {len(missing)} tensor(s), e.g. the one for {missing[0]}")
     model.load_state_dict(state, strict=True, assign=True)

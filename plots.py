@@ -70,14 +70,18 @@ def rope_stretch(name, targets, theta, d_extra, out):
 
 
 def ppl_curves(curves, train_lens, out):
-    """Fig. 1a: perplexity against context length, one line per (label, lengths, ppl), trained lengths dashed."""
+    """Fig. 1a: perplexity against context length, one line per (label, lengths, ppl, at), trained lengths dashed.
+    A full run draws its cumulative curve; a run of chosen lengths (`at`, eval_ppl --at) each chunk's own value, as
+    dots joined by a dotted line."""
     fig, ax = pyplot().subplots(figsize=(7, 4.5))
-    for label, lengths, ppl in curves:
-        ax.plot(lengths, ppl, label=label)
+    for label, lengths, ppl, at in curves:
+        ax.plot(lengths, ppl, "o:" if at else "-", label=label + (" (the chunk at each length)" if at else ""))
     for train_len in set(train_lens):
         ax.axvline(train_len, color="0.5", ls="--", lw=1)
         ax.text(train_len, ax.get_ylim()[1], f" trained {train_len}", va="top", fontsize=8, color="0.4")
-    ax.set(xlabel="context length (tokens)", ylabel="perplexity (cumulative)", title="Perplexity vs context length")
+    cumulative = not any(at for *_, at in curves)
+    ax.set(xlabel="context length (tokens)", ylabel="perplexity (cumulative)" if cumulative else "perplexity",
+           title="Perplexity vs context length")
     ax.legend(fontsize=8)
     fig.tight_layout()
     save(fig, out)

@@ -19,7 +19,7 @@ def inv_freq(head_dim, base, device=None):
 
 
 # --- scaling methods (HF `modeling_rope_utils`): theta_j -> theta'_j, and an attention factor a for cos and sin ---
-# Each reads a HF rope_scaling dict `s` (as model.rope_scaling_config leaves it), with HF's key names and defaults.
+# Each reads a HF rope_scaling dict `s` (as checkpoints.rope_scaling_config leaves it), with HF names and defaults.
 
 def linear_inv_freq(theta, s, **_):
     """Position interpolation (Chen et al. 2023, arXiv 2306.15595; HF "linear"): theta'_j = theta_j / s, the same

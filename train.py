@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from cli import ArgumentParser, count, progress, read_text, run_cli
+from checkpoints import LLADA_KEYS, module_name
 from haystack import generated_sentences
-from model import LLaDA, LLaDAConfig, UserError, module_name
+from model import LLaDA, LLaDAConfig, UserError
 
 
 def diffusion_loss(model, x, mask_id, generator=None, eps=1e-3):
@@ -82,8 +83,7 @@ def save_checkpoint(model, tok, folder):
         names = {module_name(n, "llama"): n for n in {f.format(i) for f in HF_NAMES for i in range(c.n_layers)}}
         state = {names[k]: v for k, v in state.items()}
     else:
-        cfg = {k: v for k, v in vars(c).items() if k not in ("causal", "qkv_bias", "rope_scaling")} | dict(
-            block_type="llama", weight_tying=False)
+        cfg = {k: getattr(c, k) for k in LLADA_KEYS} | dict(model_type="llada", block_type="llama", weight_tying=False)
         state = {"model." + k: v for k, v in state.items()}
     folder.mkdir(parents=True, exist_ok=True)
     for name, write in [("model.safetensors", lambda f: save_file(state, f)), ("tokenizer.json", tok.save),

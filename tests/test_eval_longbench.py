@@ -150,7 +150,8 @@ def test_table_of_several_files(ckpt_bytes, data, tmp_path):
 @pytest.mark.parametrize("make,args,msg", [
     (None, ["--data", "nowhere"], "data folder not found: nowhere"),
     (None, ["--tasks", "qasper"], "no qasper.jsonl in"),
-    (None, ["--tasks", "bogus"], "--tasks among"),
+    (None, ["--tasks", "hotpotqa,bogus_task"], "unknown task 'bogus_task'; the tasks are narrativeqa, qasper"),
+    (None, ["--limit", "0"], "argument --limit: expected an integer >= 1, got '0'"),
     (None, ["--max-len", "0"], "argument --max-len"),
     ("narrativeqa.jsonl", [], "narrativeqa.jsonl, line 2: not a JSON line"),
     ("lcc.jsonl", ["--tasks", "lcc"], "lcc.jsonl, line 1: a LongBench record needs the fields context, answers")])

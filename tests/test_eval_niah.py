@@ -113,7 +113,7 @@ def test_file_haystack(ckpt_bytes, tmp_path):
 @pytest.mark.parametrize("extra,msg", [(["--depths", "0:120:10"], "within 0 to 100"),
                                        (["--lengths", "100"], "cannot hold the prompt scaffold"),
                                        (["--lengths", "lots"], "argument --lengths: expected lengths like 8k"),
-                                       (["--steps", 40], "1 <= n <= 32"),
+                                       (["--steps", 40], "a multiple of 1 up to 32"),
                                        (["--model", "/no/such/dir"], "model folder not found")])
 def test_bad_input(ckpt_bytes, tmp_path, extra, msg):
     r = niah("--model", ckpt_bytes, "--device", "cpu", "--out", tmp_path / "x.jsonl", *extra)

@@ -81,12 +81,12 @@ def test_left_padded_batch_equals_single_runs(tiny, cache):
     torch.testing.assert_close(padded_logits, tiny(b)[0], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kw,msg", [(dict(gen_length=16, block_length=5), "= k \\* block_length"),
-                                    (dict(gen_length=16, block_length=8, steps=3), "= n \\* 2 block"),
-                                    (dict(gen_length=8, block_length=16), "= k \\* block_length"),
-                                    (dict(gen_length=8, block_length=8, steps=16), "1 <= n <= 8"),
-                                    (dict(gen_length=8, block_length=0), "= k \\* block_length"),
-                                    (dict(steps=0), "1 <= n <= 8"),
+@pytest.mark.parametrize("kw,msg", [(dict(gen_length=16, block_length=5), "answer length \\(16\\) must be a multiple"),
+                                    (dict(gen_length=16, block_length=8, steps=3), "split evenly over the 2 block"),
+                                    (dict(gen_length=8, block_length=16), "must be a multiple of the block length"),
+                                    (dict(gen_length=8, block_length=8, steps=16), "a multiple of 1 up to 8"),
+                                    (dict(gen_length=8, block_length=0), "must each be at least 1"),
+                                    (dict(steps=0), "must each be at least 1"),
                                     (dict(remasking="top"), "remasking")])
 def test_bad_settings_are_refused(tiny, expected, kw, msg):
     with pytest.raises(UserError, match=msg):
@@ -128,7 +128,10 @@ def test_cli_chat_and_prompt_file(ckpt_tok, tmp_path):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--gen-length", "10"], "= k * block_length"),
+    (["--gen-length", "10"], "the answer length (10) must be a multiple of the block length (32)"),
+    (["--gen-length", "-5"], "argument --gen-length: expected an integer >= 1, got '-5'"),
+    (["--steps", "0"], "argument --steps: expected an integer >= 1, got '0'"),
+    (["--block-length", "x"], "argument --block-length: expected an integer >= 1"),
     (["--prompt", ""], "empty"),
     (["--prompt", "w5 <|mdm_mask|>"], "mask token"),
     (["--prompt", "@/no/such/file.txt"], "No such file or directory"),
@@ -137,6 +140,7 @@ def test_cli_errors_are_one_line(ckpt_tok, args, msg):
     r = cli("--model", ckpt_tok, "--prompt", "w5 w6", "--device", "cpu", *args)
     assert r.returncode == 2 and "Traceback" not in r.stderr and msg in r.stderr.strip().splitlines()[-1]
     assert ("loaded" in r.stderr) == (msg in ("empty", "mask token"))  # settings are checked before loading
+    assert r.stderr.count("\n") == 1 + ("loaded" in r.stderr)
 
 
 def test_cli_missing_tokenizer_and_model(ckpt_copy, tmp_path):
