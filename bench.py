@@ -254,10 +254,14 @@ def bench_gpu(args, config=None, lengths=(4096, 8192, 16384, 24576, 32768), samp
         print(f"  peak memory of the two samples {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
-if __name__ == "__main__":
+def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["load", "sample", "ppl", "cache", "gpu"], help="which measurement to run")
     p.add_argument("--model", help="cache: a trained checkpoint folder (train.py) instead of random weights")
     args = p.parse_args()
     benches = dict(load=bench_load, sample=bench_sample, ppl=bench_ppl, cache=bench_cache, gpu=bench_gpu)
     benches[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
