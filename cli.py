@@ -73,8 +73,8 @@ def count(text):
     return int(text)
 
 
-def names_flag(known):
-    """An argparse type: 'a,b' -> ['a', 'b'], each among `known` (the first unknown one is named)."""
+def tasks_flag(known):
+    """An argparse type: "a,b" -> ["a", "b"], each a task among `known` (the first unknown one is named)."""
     def parse(text):
         unknown = [t for t in text.split(",") if t not in known]
         if unknown:

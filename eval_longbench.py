@@ -5,8 +5,8 @@ from pathlib import Path
 import torch
 
 from cli import (ArgumentParser, all_gather, append_rows, count, decode_answer, load_tokenizer, model_flags,
-                 model_settings, names_flag, parse_lengths, pending, read_lines, rope_label, run_cli, sample_seed,
-                 share_and_load)
+                 model_settings, parse_lengths, pending, read_lines, rope_label, run_cli, sample_seed, share_and_load,
+                 tasks_flag)
 from longbench_tasks import CATEGORIES, NO_INPUT, TASKS, build_prompt, jieba_cut, score, truncate_middle
 from model import UserError, read_config
 from plots import score_table
@@ -83,7 +83,7 @@ def main():
     p = ArgumentParser("LongBench v1 as LongLLaDA ran it through OpenCompass (Table 1).")
     model_flags(p)
     p.add_argument("--data", help="folder with LongBench's <task>.jsonl files (data.zip of THUDM/LongBench, unzipped)")
-    p.add_argument("--tasks", type=names_flag(TASKS), default=",".join(TASKS), help="comma-separated tasks (default: "
+    p.add_argument("--tasks", type=tasks_flag(TASKS), default=",".join(TASKS), help="comma-separated tasks (default: "
                    "all 21)")
     p.add_argument("--max-len", default="3500", type=parse_lengths, help="truncation budgets in prompt tokens: 3500 "
                    "(the paper's 4k runs), 7500 (8k), or both, 3500,7500")

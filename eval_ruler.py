@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from cli import (PROMPT_BOS, ArgumentParser, all_gather, append_rows, count, decode_answer, load_tokenizer,
-                 model_flags, names_flag, parse_lengths, pending, read_lines, rope_label, run_cli, sample_seed,
-                 sampling_settings, schedule_flags, share_and_load)
+                 model_flags, parse_lengths, pending, read_lines, rope_label, run_cli, sample_seed, sampling_settings,
+                 schedule_flags, share_and_load, tasks_flag)
 from haystack import read_book
 from model import UserError, read_config
 from plots import length_names, score_table
@@ -74,7 +74,7 @@ def main():
     p = ArgumentParser("RULER's synthetic long-context tasks (LongLLaDA Table 2).")
     model_flags(p)
     schedule_flags(p, gen_length=64, steps=64, block_length=64)
-    p.add_argument("--tasks", type=names_flag(TASKS), default=",".join(TASKS),
+    p.add_argument("--tasks", type=tasks_flag(TASKS), default=",".join(TASKS),
                    help="comma-separated; qa_1 needs --squad, qa_2 --hotpotqa")
     p.add_argument("--lengths", default="4k,8k,16k", type=parse_lengths, help="context lengths (k = 1024 tokens)")
     p.add_argument("--samples", type=count, default=100, help="samples per task and length")

@@ -41,7 +41,8 @@ def test_no_removed_download_command_anywhere():
 
 def test_hf_download_lines_are_valid_for_hf_2():
     """`hf download REPO_ID [FILENAMES]... [--include P]... [--repo-type T] --local-dir DIR` (huggingface_hub 2.x)."""
-    lines = [(p.name, c[c.index("hf download"):].split("#")[0]) for p in PAGES for c in commands(p) if "hf download" in c]
+    lines = [(p.name, c[c.index("hf download"):].split("#")[0]) for p in PAGES for c in commands(p)
+             if "hf download" in c]
     assert len(lines) >= 10
     for page, line in lines:
         words = shlex.split(line.replace("$m", "M").replace(";", " "))[2:]

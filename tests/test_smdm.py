@@ -156,5 +156,9 @@ def test_sample_qk_states_and_niah_run(tmp_path, doc, kind):
     r = run_script("eval_niah.py", "--model", folder, "--lengths", 700, "--depths", 50, "--repeats", 1, "--steps", 4,
                    "--gen-length", 4, "--block-length", 4, "--device", "cpu", "--out", tmp_path / "niah.jsonl")
     assert r.returncode == 0 and (tmp_path / "niah.png").exists(), r.stderr
+    r = run_script("eval_ruler.py", "--model", folder, "--tasks", "niah_single_1,vt", "--lengths", 600, "--samples", 1,
+                   "--steps", 4, "--gen-length", 4, "--block-length", 4, "--device", "cpu",
+                   "--out", tmp_path / "r.jsonl")
+    assert r.returncode == 0 and len((tmp_path / "r.jsonl").read_text().splitlines()) == 2, r.stderr
     r = run_script("sample.py", "--model", folder, "--prompt", "hi", "--chat", "--device", "cpu")
     assert r.returncode == 2 and "no chat template" in r.stderr
