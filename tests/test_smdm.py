@@ -162,3 +162,21 @@ def test_sample_qk_states_and_niah_run(tmp_path, doc, kind):
     assert r.returncode == 0 and len((tmp_path / "r.jsonl").read_text().splitlines()) == 2, r.stderr
     r = run_script("sample.py", "--model", folder, "--prompt", "hi", "--chat", "--device", "cpu")
     assert r.returncode == 2 and "no chat template" in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["mdm", "ar"])
+def test_a_file_of_a_real_size_loads_from_its_name_alone(tmp_path, kind):
+    """SMDM's 6M size with the real vocabulary, in SMDM's names and shapes (fused q/k/v), no lit_config.json."""
+    from safetensors.torch import save_file
+    layers, d, hidden = 6, 256, 1024
+    state = {"transformer.wte.weight": torch.randn(32000 + (kind == "mdm"), d), "lm_head.weight": torch.randn(32000, d),
+             "transformer.ln_f.weight": torch.ones(d)}
+    for i in range(layers):
+        state |= {f"transformer.h.{i}.{name}": torch.randn(*shape) * 0.02 for name, shape in [
+            ("norm_1.weight", (d,)), ("attn.attn.weight", (3 * d, d)), ("attn.proj.weight", (d, d)),
+            ("norm_2.weight", (d,)), ("mlp.swiglu.w1.weight", (hidden, d)), ("mlp.swiglu.w2.weight", (hidden, d)),
+            ("mlp.swiglu.w3.weight", (d, hidden))]}
+    save_file(state, tmp_path / f"{kind}-6M-10e18.safetensors")
+    model = load_model(tmp_path, device="cpu")
+    assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 32000) and model.config.causal == (kind == "ar")
+    assert torch.equal(model.transformer.wte.weight, state["transformer.wte.weight"])
