@@ -53,10 +53,10 @@ SMDM_SIZES = {"6M": (6, 4, 256, 1024), "19M": (8, 6, 384, 1536), "34M": (8, 8, 5
               "1028M": (20, 14, 1792, 7168)}
 
 
-def refuse_unsupported(cfg, required):
+def refuse_unsupported(cfg, required, file="config.json"):
     for key, want in required.items():
         if cfg.get(key, want) != want:
-            raise UserError(f"config.json: {key}={cfg[key]!r} is not implemented (this code supports {want!r})")
+            raise UserError(f"{file}: {key}={cfg[key]!r} is not implemented (this code supports {want!r})")
 
 
 def llada_fields(cfg):
@@ -113,12 +113,14 @@ def smdm_fields(folder, file):
     lit = next((p / "lit_config.json" for p in (folder, file.parent) if (p / "lit_config.json").is_file()), None)
     if lit:
         cfg = read_json(lit)
-        refuse_unsupported(cfg, SMDM_REQUIRED)
-        if cfg.get("_norm_class", "RMSNorm") not in ("RMSNorm", "FusedRMSNorm"):
-            raise UserError(f"{lit}: _norm_class={cfg['_norm_class']!r} is not implemented (this code has RMSNorm)")
-        layers, heads, d, hidden = (cfg[k] for k in ("n_layer", "n_head", "n_embd", "intermediate_size"))
-        vocab, length, eps = cfg.get("padded_vocab_size") or cfg["vocab_size"], cfg["block_size"], cfg["norm_eps"]
-        groups = cfg.get("n_query_groups") or heads
+        norm = cfg.get("_norm_class", "RMSNorm").removeprefix("Fused")  # FusedRMSNorm: RMSNorm in one kernel
+        refuse_unsupported(cfg | dict(_norm_class=norm), SMDM_REQUIRED | dict(_norm_class="RMSNorm"), lit)
+        try:
+            layers, heads, d, hidden = (cfg[k] for k in ("n_layer", "n_head", "n_embd", "intermediate_size"))
+            vocab, length, eps = cfg.get("padded_vocab_size") or cfg["vocab_size"], cfg["block_size"], cfg["norm_eps"]
+        except KeyError as e:
+            raise UserError(f"{lit} has no {e} key") from None
+        groups = cfg.get("n_query_groups")
     elif size in SMDM_SIZES:
         (layers, heads, d, hidden), vocab, length, eps, groups = SMDM_SIZES[size], 32000, 2048, 1e-5, None
     else:
@@ -139,7 +141,7 @@ def config_fields(path):
     if not path.is_dir():
         raise UserError(f"model folder not found: {path}")
     if not (path / "config.json").is_file():
-        file = smdm_file(path)
+        file = None if (path / "model.safetensors.index.json").exists() else smdm_file(path)
         if file is None:
             raise UserError(f"no config.json in {path} (nor an SMDM .safetensors file)")
         return smdm_fields(path, file)
@@ -241,8 +243,8 @@ def check_safetensors(path):
     if header is None:
         raise UserError(f"{path} is cut short or not a safetensors file (its header does not parse): download it again")
     if size != end:
-        raise UserError(f"{path} is {size:,} bytes but its header says {end:,}: the download was cut short; download "
-                        "it again")
+        raise UserError(f"{path} is {size:,} bytes but its header says {end:,}: the download is incomplete or damaged; "
+                        "download it again")
 
 
 def shard_files(path, model_type):

@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from checkpoints import (UserError, config_fields, fused_shapes, module_name, rope_scaling_config,  # noqa: F401
-                         shard_files, split_fused)  # (the scripts import UserError from here)
+from checkpoints import (UserError, config_fields, fused_shapes, module_name, rope_scaling_config, shard_files,
+                         split_fused)
 from rope import apply_rope, rope_cos_sin, scaled_inv_freq
 
 

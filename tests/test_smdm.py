@@ -180,3 +180,15 @@ def test_a_file_of_a_real_size_loads_from_its_name_alone(tmp_path, kind):
     model = load_model(tmp_path, device="cpu")
     assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 32000) and model.config.causal == (kind == "ar")
     assert torch.equal(model.transformer.wte.weight, state["transformer.wte.weight"])
+
+
+@pytest.mark.parametrize("change,msg", [(dict(n_layer=None), "lit_config.json has no 'n_layer' key"),
+                                        (dict(_norm_class="LayerNorm"), "_norm_class='LayerNorm' is not implemented"),
+                                        (dict(parallel_residual=True), "parallel_residual=True is not implemented")])
+def test_a_lit_config_it_cannot_honour_is_one_line(tmp_path, change, msg):
+    folder = make_folder(tmp_path, "m")
+    cfg = json.loads((folder / "lit_config.json").read_text())
+    cfg = {k: v for k, v in (cfg | change).items() if v is not None}
+    (folder / "lit_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=msg):
+        read_config(folder)
