@@ -239,7 +239,7 @@ CHAT_TEMPLATES = dict(
 
 
 def prompt_ids(tok, config, text, chat=False):
-    """A prompt as the tokenizer encodes it by default (LLaMA-3 adds its BOS, LLaDA and Dream nothing), or wrapped
+    """A prompt as the tokenizer encodes it by default (LLaMA-3 and SMDM add a BOS, LLaDA and Dream nothing), or wrapped
     in the model's chat template, which brings its own begin-of-text."""
     if chat and config.model_type not in CHAT_TEMPLATES:
         raise UserError(f"--chat: {config.model_type} models have no chat template (no Instruct version)")
