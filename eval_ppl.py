@@ -85,9 +85,11 @@ def main():
     if args.compare:
         return plot([json.loads(Path(f).read_text()) for f in args.compare], out.with_suffix(".png"))
     max_len = max(args.at) if args.at else args.max_len
-    if not args.model or not args.text or max_len < 2 * c or any(n % c or n < 2 * c for n in args.at or []):
-        raise UserError(f"need --model and --text, and a --max-len, or --at lengths, of at least 2 chunks ({2 * c}), "
-                        f"the --at lengths multiples of --chunk ({c})")
+    if not args.model or not args.text:
+        raise UserError("need --model (a checkpoint folder) and --text (a long text file)")
+    if min(args.at or [max_len]) < 2 * c or any(n % c for n in args.at or []):
+        raise UserError(f"each length must be at least 2 chunks ({2 * c} tokens), and each --at length a multiple of "
+                        f"--chunk ({c})")
     # The tokenizer's defaults: LLaMA-3's and SMDM's BOS is context, never scored (nor is chunk 0), LLaDA gets none.
     ids = torch.tensor(load_tokenizer(args.model).encode(read_text(args.text)).ids)
     if len(ids) < max_len:
@@ -103,8 +105,7 @@ def main():
                        verbose=rank == 0)
     run["train_len"], finished = model.config.max_sequence_length, {chunk["length"] for chunk in run["chunks"]}
     check_length(model, max_len)
-    wanted = [n // c - 1 for n in settings["at"]] if args.at else range(1, max_len // c)  # chunk i ends at (i + 1) c
-    todo = [i for i in wanted if (i + 1) * c not in finished]  # chunk i: the prefix is the i chunks before it
+    todo = [n // c - 1 for n in settings.get("at", range(2 * c, max_len + 1, c)) if n not in finished]  # chunk indexes
     if model.config.causal:  # AR baseline: ordinary next-token perplexity, from one causal forward
         nll = next_token_nll(model, ids[:max_len]).cpu()
         run["chunks"] += [dict(length=(i + 1) * c, nll=nll[i * c - 1:(i + 1) * c - 1].mean().item()) for i in todo]
@@ -127,8 +128,7 @@ def main():
     if rank == 0:
         save_json(run, out)
         plot([run], out.with_suffix(".png"))
-        lengths, ppl = curve(run)
-        print(f"perplexity at {lengths[-1]} tokens: {ppl[-1]:.3f}; wrote {out} and {out.with_suffix('.png')}")
+        print(f"perplexity {curve(run)[1][-1]:.3f} at {run['chunks'][-1]['length']} tokens; wrote {out} and its PNG")
 
 
 if __name__ == "__main__":

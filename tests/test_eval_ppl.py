@@ -83,8 +83,8 @@ def test_cli_end_to_end_resume_and_compare(ckpt_tok, text, tmp_path):
 
 @pytest.mark.parametrize("extra,msg", [(["--max-len", 1000], "has 400 tokens"), (["--chunk", 0], "integer >= 1"),
                                        (["--mc", 0], "integer >= 1"),
-                                       (["--max-len", 100, "--chunk", 64], "at least 2 chunks"),
-                                       (["--at", "96,100", "--chunk", 32], "multiples of --chunk (32)"),
+                                       (["--max-len", 100, "--chunk", 64], "at least 2 chunks (128 tokens)"),
+                                       (["--at", "96,100", "--chunk", 32], "a multiple of --chunk (32)"),
                                        (["--at", "32", "--chunk", 32], "at least 2 chunks"),
                                        (["--at", "1k"], "has 400 tokens")])
 def test_cli_bad_input(ckpt_tok, text, tmp_path, extra, msg):
